@@ -1,0 +1,519 @@
+//! Capture: keeps the replication log in step with the database's WAL.
+//!
+//! The log follows the WAL. Its cursor (`WalCursor`) says up to which WAL frame
+//! it holds every committed transaction; catching up appends each later commit
+//! as one batch. Any walcast process can catch up (the log's lock makes it one at
+//! a time, and the cursor makes it idempotent), so the log's order is the WAL's
+//! order whichever process committed.
+//!
+//! When the log cannot be proven to follow from where it stands (its WAL was
+//! restarted or removed without walcast, the database file changed while no WAL
+//! was open, the page size changed, or the log is new), capture starts a new
+//! generation: a base image of the whole database, then transactions again.
+//!
+//! Memory stays bounded by the database size, not the transaction size: a
+//! transaction is read back from the WAL in three streaming passes (validate,
+//! find each page's last version, copy), with one bit per page and per frame.
+
+use crate::log::{DbStat, LogError, LogWriter, WalCursor, WalEvent};
+use crate::wal::{WalCommit, WalFile, WalPos};
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// Reads the database file. Implemented over a VFS handle in production, so that
+/// reading never disturbs SQLite's POSIX locks.
+pub trait DbReader {
+    /// Reads `buf.len()` bytes at `off`; bytes past the end read as zero.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    fn size(&self) -> io::Result<u64>;
+}
+
+#[derive(Debug)]
+pub enum CaptureError {
+    /// A base image needs the WAL write lock and a writer holds it: try again.
+    Busy,
+    Log(LogError),
+    Io(io::Error),
+}
+
+impl fmt::Display for CaptureError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            CaptureError::Busy => write!(f, "database busy: a writer holds the WAL write lock"),
+            CaptureError::Log(e) => write!(f, "{e}"),
+            CaptureError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<LogError> for CaptureError {
+    fn from(e: LogError) -> Self {
+        CaptureError::Log(e)
+    }
+}
+impl From<io::Error> for CaptureError {
+    fn from(e: io::Error) -> Self {
+        CaptureError::Io(e)
+    }
+}
+
+/// What a catch-up did.
+#[derive(Debug, Default, Clone)]
+pub struct CatchUp {
+    pub transactions: u64,
+    pub frames: u64,
+    /// Why a new generation was started, if one was.
+    pub new_generation: Option<String>,
+}
+
+/// How a base image may be taken.
+pub enum Imaging<'a> {
+    /// The caller already excludes writers (SQLite's thread inside a WAL hook,
+    /// holding the write lock or an exclusive lock).
+    WritersExcluded(&'a dyn DbReader),
+    /// The caller holds no SQLite lock: `lock` must take the WAL write lock without
+    /// waiting (Ok(false) = busy) and `unlock` release it.
+    TakeWriteLock {
+        db: &'a dyn DbReader,
+        lock: &'a mut dyn FnMut() -> io::Result<bool>,
+        unlock: &'a mut dyn FnMut(),
+    },
+}
+
+pub struct Paths<'a> {
+    pub db: &'a Path,
+    pub wal: &'a Path,
+}
+
+/// Brings the log up to the last transaction committed in the WAL. The caller
+/// holds the log's lock.
+pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging) -> Result<CatchUp, CaptureError> {
+    log.refresh()?;
+    let mut out = CatchUp::default();
+    let wal = WalFile::open(paths.wal)?;
+    let problem = match (log.state.cursor, &wal) {
+        (WalCursor::Unknown, _) => Some(if log.state.generation == 0 {
+            "replication started: base image of the database".to_string()
+        } else {
+            "the log records no WAL position to continue from".to_string()
+        }),
+        (WalCursor::InWal(pos), Some(w)) => {
+            if !w.contains(&pos)? {
+                Some(format!(
+                    "the WAL was restarted or rewritten without walcast (expected salts {:08x}/{:08x} with frame {}; found salts {:08x}/{:08x})",
+                    pos.salt1, pos.salt2, pos.frame, w.header.salt1, w.header.salt2
+                ))
+            } else if w.header.page_size != log.state.page_size {
+                Some(format!("page size changed from {} to {}", log.state.page_size, w.header.page_size))
+            } else {
+                None
+            }
+        }
+        (WalCursor::InWal(_), None) => Some("the WAL was removed without walcast".to_string()),
+        (WalCursor::Ended(stat), w) => {
+            let now = DbStat::of(paths.db)?;
+            if now != stat {
+                Some("the database file changed while its WAL was closed (a write without walcast)".to_string())
+            } else if let Some(w) = w {
+                Some(format!("a WAL (salts {:08x}/{:08x}) was started without walcast", w.header.salt1, w.header.salt2))
+            } else {
+                None
+            }
+        }
+    };
+    match problem {
+        Some(reason) => {
+            new_generation(log, paths, wal.as_ref(), imaging, &reason)?;
+            out.new_generation = Some(reason);
+        }
+        None => {
+            if let (WalCursor::InWal(pos), Some(w)) = (log.state.cursor, &wal) {
+                append_commits(log, w, pos, &mut out)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Appends every commit in `w` after `pos`.
+fn append_commits(log: &mut LogWriter, w: &WalFile, mut pos: WalPos, out: &mut CatchUp) -> Result<(), CaptureError> {
+    let mut page = vec![0u8; w.page_size()];
+    while let Some(c) = w.next_commit(&pos, &mut page)? {
+        out.frames += append_transaction(log, w, &c, &mut page)?;
+        out.transactions += 1;
+        pos = c.end;
+    }
+    Ok(())
+}
+
+/// A growable set of small integers, one bit each.
+struct BitSet(Vec<u64>);
+impl BitSet {
+    fn new(n: usize) -> BitSet {
+        BitSet(vec![0; n.div_ceil(64)])
+    }
+    fn get(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+    fn set(&mut self, i: usize) {
+        if i / 64 >= self.0.len() {
+            self.0.resize(i / 64 + 1, 0);
+        }
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+}
+
+/// Which frames of `first..=last` hold the last version of their page, among pages
+/// 1..=db_pages. Walks frame headers backwards.
+fn last_versions(w: &WalFile, first: u32, last: u32, db_pages: u32) -> io::Result<(BitSet, u64)> {
+    let mut seen = BitSet::new(db_pages as usize + 1);
+    let mut keep = BitSet::new((last - first + 1) as usize);
+    let mut kept = 0;
+    let mut f = last;
+    while f >= first {
+        let h = w.read_frame_header(f)?;
+        if h.page_no <= db_pages && !seen.get(h.page_no as usize) {
+            seen.set(h.page_no as usize);
+            keep.set((f - first) as usize);
+            kept += 1;
+        }
+        f -= 1;
+    }
+    Ok((keep, kept))
+}
+
+/// Appends one committed WAL transaction as a batch: each page once, with its
+/// final content; the last frame carries the database size.
+fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<u64, CaptureError> {
+    let (keep, kept) = last_versions(w, c.first, c.commit, c.db_pages)?;
+    log.begin_batch();
+    let r = (|| -> Result<(), CaptureError> {
+        let mut written = 0;
+        for f in c.first..=c.commit {
+            if !keep.get((f - c.first) as usize) {
+                continue;
+            }
+            let h = w.read_frame_header(f)?;
+            w.read_page(f, page)?;
+            written += 1;
+            let size_after = if written == kept { c.db_pages } else { 0 };
+            log.add_frame(h.page_no, size_after, page)?;
+        }
+        // The WAL frames must still be the ones validated: a concurrent restart
+        // by a process without walcast would have changed the salts.
+        if !w.contains(&c.end)? {
+            return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
+        }
+        log.commit(c.db_pages, Some(c.end))?;
+        Ok(())
+    })();
+    if r.is_err() {
+        log.abort();
+    }
+    r.map(|_| kept)
+}
+
+/// The page size and size in pages recorded in a database header, if the file
+/// has one.
+fn db_header_geometry(db: &dyn DbReader) -> io::Result<Option<(u32, u32)>> {
+    if db.size()? < 100 {
+        return Ok(None);
+    }
+    let mut h = [0u8; 100];
+    db.read_at(&mut h, 0)?;
+    if &h[0..16] != b"SQLite format 3\0" {
+        return Err(io::Error::other("the database file has no SQLite header"));
+    }
+    let raw = u16::from_be_bytes([h[16], h[17]]) as u32;
+    let page_size = if raw == 1 { 65536 } else { raw };
+    let change = u32::from_be_bytes(h[24..28].try_into().unwrap());
+    let in_header = u32::from_be_bytes(h[28..32].try_into().unwrap());
+    let valid_for = u32::from_be_bytes(h[92..96].try_into().unwrap());
+    // The in-header size is valid only when version-valid-for matches the change
+    // counter (SQLite file format, section 1.3.7).
+    let pages = if in_header != 0 && valid_for == change {
+        in_header
+    } else {
+        (db.size()? / page_size as u64) as u32
+    };
+    Ok(Some((page_size, pages)))
+}
+
+fn new_generation(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, imaging: Imaging, reason: &str) -> Result<(), CaptureError> {
+    match imaging {
+        Imaging::WritersExcluded(db) => take_image(log, paths, wal, db, reason),
+        Imaging::TakeWriteLock { db, lock, unlock } => {
+            if !lock()? {
+                return Err(CaptureError::Busy);
+            }
+            // The WAL seen before the lock may have moved on; read it again.
+            let r = WalFile::open(paths.wal).map_err(CaptureError::from).and_then(|w| take_image(log, paths, w.as_ref(), db, reason));
+            unlock();
+            r
+        }
+    }
+}
+
+/// Writes a generation record and a base image of the database as of the last
+/// commit in the WAL: every page of the database file, overlaid with the last
+/// version of each page in the WAL. Writers must be excluded.
+fn take_image(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dyn DbReader, reason: &str) -> Result<(), CaptureError> {
+    let geometry = db_header_geometry(db)?;
+    let page_size = match (wal, geometry) {
+        (Some(w), _) => w.header.page_size,
+        (None, Some((ps, _))) => ps,
+        (None, None) => 4096,
+    };
+    let mut page = vec![0u8; page_size as usize];
+    let (wal_end, wal_pages) = match wal {
+        Some(w) => {
+            let (pos, pages) = w.last_commit(&mut page)?;
+            (Some(pos), pages)
+        }
+        None => (None, None),
+    };
+    let db_pages = match (wal_pages, geometry) {
+        (Some(p), _) => p,
+        (None, Some((ps, pages))) if ps == page_size => pages,
+        (None, Some(_)) => (db.size()? / page_size as u64) as u32,
+        (None, None) => 0,
+    };
+    // Pages whose last version is in the WAL, and the frames that hold them.
+    let (in_wal, keep, kept) = match (wal, wal_end) {
+        (Some(w), Some(end)) if end.frame > 0 => {
+            let (keep, kept) = last_versions(w, 1, end.frame, db_pages)?;
+            let mut in_wal = BitSet::new(db_pages as usize + 1);
+            for f in 1..=end.frame {
+                if keep.get((f - 1) as usize) {
+                    in_wal.set(w.read_frame_header(f)?.page_no as usize);
+                }
+            }
+            (in_wal, keep, kept)
+        }
+        _ => (BitSet::new(0), BitSet::new(0), 0),
+    };
+    let from_file = db_pages as u64 - kept;
+    let total = from_file + kept;
+
+    log.begin_generation(page_size, reason)?;
+    let r = (|| -> Result<(), CaptureError> {
+        let mut written = 0u64;
+        let size_for = |written: u64| if written == total { db_pages } else { 0 };
+        for pgno in 1..=db_pages {
+            if in_wal.get(pgno as usize) {
+                continue;
+            }
+            db.read_at(&mut page, (pgno as u64 - 1) * page_size as u64)?;
+            written += 1;
+            log.add_frame(pgno, size_for(written), &page)?;
+        }
+        if let (Some(w), Some(end)) = (wal, wal_end) {
+            for f in 1..=end.frame {
+                if keep.get((f - 1) as usize) {
+                    let h = w.read_frame_header(f)?;
+                    w.read_page(f, &mut page)?;
+                    written += 1;
+                    log.add_frame(h.page_no, size_for(written), &page)?;
+                }
+            }
+            if !w.contains(&end)? {
+                return Err(CaptureError::Io(io::Error::other("the WAL changed while the base image was taken")));
+            }
+        }
+        log.commit(db_pages, wal_end)?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        log.abort();
+        return Err(e);
+    }
+    if wal_end.is_none() {
+        log.wal_event(WalEvent::Ended(DbStat::of(paths.db)?))?;
+    }
+    // A base image is the start of the log's history: make it durable now (this
+    // is never on the commit path of an ordinary transaction).
+    log.sync()?;
+    Ok(())
+}
+
+/// Before SQLite overwrites the WAL from its start (a restart after a checkpoint):
+/// capture everything committed in the old WAL, make the log durable, then record
+/// that the log follows the new WAL. `new_header` is the 32-byte header SQLite is
+/// about to write. Runs on SQLite's thread, which holds the WAL write lock.
+pub fn before_wal_restart(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, new_header: &[u8]) -> Result<CatchUp, CaptureError> {
+    let r = catch_up(log, paths, Imaging::WritersExcluded(db))?;
+    log.sync()?;
+    if let Some(h) = crate::wal::WalHeader::parse(new_header) {
+        let pos = WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum };
+        log.wal_event(WalEvent::Started(pos, h.ckpt_seq))?;
+    }
+    Ok(r)
+}
+
+/// Before SQLite truncates the WAL to zero or deletes it: capture everything,
+/// make the log durable, and record the database file's state so that a change
+/// made while no WAL exists is recognized. Writers are excluded by the caller.
+pub fn before_wal_ends(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader) -> Result<CatchUp, CaptureError> {
+    let r = catch_up(log, paths, Imaging::WritersExcluded(db))?;
+    if let WalCursor::InWal(_) = log.state.cursor {
+        log.wal_event(WalEvent::Ended(DbStat::of(paths.db)?))?;
+    }
+    log.sync()?;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{LogFile, Record};
+    use crate::wal::testutil::WalBuilder;
+    use std::collections::BTreeMap;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::path::PathBuf;
+
+    impl DbReader for File {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            buf.fill(0);
+            let mut n = 0;
+            while n < buf.len() {
+                let k = FileExt::read_at(self, &mut buf[n..], off + n as u64)?;
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            Ok(())
+        }
+        fn size(&self) -> io::Result<u64> {
+            Ok(self.metadata()?.len())
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("walcast-capture-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A database file of `pages` pages of 512 bytes with a valid header.
+    fn make_db(path: &Path, pages: u32) {
+        let mut b = vec![0u8; 512 * pages as usize];
+        for p in 0..pages as usize {
+            b[p * 512 + 200] = p as u8 + 100;
+        }
+        b[0..16].copy_from_slice(b"SQLite format 3\0");
+        b[16..18].copy_from_slice(&512u16.to_be_bytes());
+        b[18] = 2;
+        b[19] = 2;
+        b[24..28].copy_from_slice(&1u32.to_be_bytes());
+        b[28..32].copy_from_slice(&pages.to_be_bytes());
+        b[92..96].copy_from_slice(&1u32.to_be_bytes());
+        std::fs::write(path, b).unwrap();
+    }
+
+    /// Replays a log into page images, as of its end.
+    fn replay(log: &Path) -> BTreeMap<u32, Vec<u8>> {
+        let lf = LogFile::open(log).unwrap();
+        let mut pages = BTreeMap::new();
+        let mut size = 0;
+        lf.scan_all(|_, r, _| {
+            match r {
+                Record::Frame(h, p) => {
+                    pages.insert(h.page_no, p.to_vec());
+                }
+                Record::Commit(c) => size = c.size_after,
+                _ => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+        pages.retain(|k, _| *k <= size);
+        pages
+    }
+
+    #[test]
+    fn base_image_then_transactions_deduplicated() {
+        let d = dir("a");
+        let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
+        make_db(&db, 3);
+        let mut b = WalBuilder::new(512, 5, 6);
+        b.frame(2, 0, 0xA1).frame(4, 4, 0xA2); // txn 1 grows to 4 pages
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
+        let f = File::open(&db).unwrap();
+        let paths = Paths { db: &db, wal: &wal };
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        assert!(r.new_generation.is_some());
+        assert_eq!(log.state.last_frame_no, 4);
+        // txn 2 spills page 3 twice and page 1 once; txn 3 is uncommitted.
+        b.frame(3, 0, 0xB1).frame(1, 0, 0xB2).frame(3, 4, 0xB3).frame(2, 0, 0xC1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        assert_eq!((r.transactions, r.frames), (1, 2));
+        let pages = replay(&logp);
+        assert_eq!(pages.len(), 4);
+        assert_eq!(pages[&1][0], 0xB2);
+        assert_eq!(pages[&2][0], 0xA1);
+        assert_eq!(pages[&3][0], 0xB3);
+        assert_eq!(pages[&4][0], 0xA2);
+        // Nothing new: idempotent.
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        assert_eq!(r.transactions, 0);
+    }
+
+    #[test]
+    fn foreign_wal_restart_starts_a_generation() {
+        let d = dir("b");
+        let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
+        make_db(&db, 2);
+        let mut b = WalBuilder::new(512, 5, 6);
+        b.frame(1, 2, 0xA1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
+        let f = File::open(&db).unwrap();
+        let paths = Paths { db: &db, wal: &wal };
+        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        let mut b2 = WalBuilder::new(512, 6, 99);
+        b2.frame(2, 2, 0xD1);
+        std::fs::write(&wal, &b2.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        assert!(r.new_generation.unwrap().contains("without walcast"));
+        assert_eq!(log.state.generation, 2);
+        let pages = replay(&logp);
+        assert_eq!(pages[&2][0], 0xD1);
+    }
+
+    #[test]
+    fn restart_and_end_hooks_keep_continuity() {
+        let d = dir("c");
+        let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
+        make_db(&db, 2);
+        let mut b = WalBuilder::new(512, 5, 6);
+        b.frame(1, 2, 0xA1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
+        let f = File::open(&db).unwrap();
+        let paths = Paths { db: &db, wal: &wal };
+        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        b.frame(2, 2, 0xA2);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        // SQLite restarts the WAL: the hook sees the old WAL still intact.
+        let mut b2 = WalBuilder::new(512, 6, 77);
+        before_wal_restart(&mut log, &paths, &f, &b2.bytes[0..32]).unwrap();
+        b2.frame(1, 2, 0xE1);
+        std::fs::write(&wal, &b2.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        assert!(r.new_generation.is_none());
+        assert_eq!(r.transactions, 1);
+        before_wal_ends(&mut log, &paths, &f).unwrap();
+        std::fs::remove_file(&wal).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        assert!(r.new_generation.is_none());
+        assert_eq!(log.state.generation, 1);
+        let pages = replay(&logp);
+        assert_eq!((pages[&1][0], pages[&2][0]), (0xE1, 0xA2));
+    }
+}

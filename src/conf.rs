@@ -1,0 +1,137 @@
+//! `<db>-walcast-conf`: the role and identity walcast keeps beside a database, so
+//! that reopening the database keeps its role and the log can be tied to it.
+//!
+//! A small text file of `key=value` lines, replaced atomically (write, fsync,
+//! rename, fsync the directory):
+//!
+//! ```text
+//! role=primary
+//! db_id=4f0c...  (32 hex digits)
+//! ```
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Off,
+    Primary,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Off => "off",
+            Role::Primary => "primary",
+        }
+    }
+}
+
+/// Parses a role as given in `PRAGMA walcast_role` or the URI parameter.
+pub fn parse_role(s: &str) -> Result<Role, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "primary" => Ok(Role::Primary),
+        "off" | "none" => Ok(Role::Off),
+        "replica" => Err("walcast_role 'replica' is not available in this version of walcast (replicas arrive with the NNG transport); expected 'primary' or 'off'".into()),
+        _ => Err(format!("unknown walcast_role '{}': expected 'primary' or 'off'", s)),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conf {
+    pub role: Role,
+    pub db_id: Option<[u8; 16]>,
+}
+
+impl Default for Conf {
+    fn default() -> Self {
+        Conf { role: Role::Off, db_id: None }
+    }
+}
+
+fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Conf {
+    /// Reads the conf file; a missing file means role off and no identity.
+    pub fn load(path: &Path) -> Result<Conf, String> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Conf::default()),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let mut conf = Conf::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').ok_or_else(|| format!("{}: malformed line '{line}'", path.display()))?;
+            match k.trim() {
+                "role" => conf.role = parse_role(v).map_err(|e| format!("{}: {e}", path.display()))?,
+                "db_id" => {
+                    conf.db_id = Some(parse_hex16(v.trim()).ok_or_else(|| format!("{}: malformed db_id '{}'", path.display(), v.trim()))?)
+                }
+                _ => {} // keys of later versions
+            }
+        }
+        Ok(conf)
+    }
+
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let mut text = String::from("# walcast configuration of the database beside this file; written by walcast\n");
+        text.push_str(&format!("role={}\n", self.role.as_str()));
+        if let Some(id) = self.db_id {
+            text.push_str(&format!("db_id={}\n", crate::log::hex(&id)));
+        }
+        let tmp = path.with_extension("walcast-conf-tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// 16 random bytes from the kernel, for a new database identity.
+pub fn random_id() -> io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut id)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_bad_values() {
+        let d = std::env::temp_dir().join(format!("walcast-conf-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        let p = d.join("a.db-walcast-conf");
+        let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]) };
+        c.save(&p).unwrap();
+        assert_eq!(Conf::load(&p).unwrap(), c);
+        assert_eq!(Conf::load(&d.join("missing")).unwrap(), Conf::default());
+        assert!(parse_role("bogus").unwrap_err().contains("unknown walcast_role 'bogus'"));
+        assert_eq!(parse_role(" PRIMARY ").unwrap(), Role::Primary);
+    }
+}

@@ -1,0 +1,585 @@
+//! Per-database state in this process: the role, the replication log, the capture
+//! thread, and what the VFS hooks decide.
+//!
+//! Hot paths (every WAL write, every lock release) check an atomic flag and do
+//! nothing else unless the database is a primary. The commit path only wakes the
+//! capture thread (a non-blocking channel send); it never writes the log, syncs,
+//! or waits. Log writes happen on the capture thread, and synchronously only where
+//! SQLite is about to destroy WAL content (restart, truncate, delete), which is
+//! also where the log is made durable.
+
+use crate::capture::{self, CaptureError, CatchUp, Imaging, Paths};
+use crate::conf::{self, Conf, Role};
+use crate::log::{hex, LogError, LogWriter, WalCursor};
+use crate::vfs::{Connection, PrivateDb};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use libsqlite3_sys as ffi;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a synchronous catch-up (SQL functions, setting the role) waits for
+/// writers to let a base image be taken.
+const IMAGE_WAIT: Duration = Duration::from_secs(10);
+
+/// Writes a walcast message to stderr, where a user finds it; repeated identical
+/// messages are shown once.
+pub fn report(msg: &str) {
+    static LAST: Mutex<String> = Mutex::new(String::new());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if *last != msg {
+        eprintln!("walcast: {msg}");
+        *last = msg.to_string();
+    }
+}
+
+pub enum PragmaOutcome {
+    /// Not a pragma walcast handles: let SQLite have it.
+    NotOurs,
+    Done(Option<String>),
+    Fail(String),
+}
+
+/// A refusal from a VFS hook: the SQLite result code and the reason.
+pub struct HookError {
+    pub code: i32,
+    pub message: String,
+}
+
+struct Inner {
+    role: Role,
+    log: Option<LogWriter>,
+    /// The last capture failure, cleared by the next success.
+    last_error: Option<String>,
+    /// Capture cannot continue (the log is unusable): writes are refused.
+    fatal: Option<String>,
+    last_generation_reason: Option<String>,
+}
+
+pub struct DbState {
+    pub db_path: String,
+    wal_path: PathBuf,
+    log_path: PathBuf,
+    conf_path: PathBuf,
+    inner: Mutex<Inner>,
+    /// Fast check for the hot paths: the role is primary and capture is usable.
+    capturing: AtomicBool,
+    /// Set when capture is impossible; writes are refused.
+    refusing_writes: AtomicBool,
+    loaded: AtomicBool,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+    thread_started: AtomicBool,
+    catch_ups: AtomicU64,
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Arc<DbState>>> {
+    static R: OnceLock<Mutex<HashMap<String, Arc<DbState>>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The state of a database this process has opened through walcast.
+pub fn lookup(db_path: &str) -> Option<Arc<DbState>> {
+    registry().lock().unwrap_or_else(|e| e.into_inner()).get(db_path).cloned()
+}
+
+fn get_or_create(db_path: &str) -> Arc<DbState> {
+    let mut r = registry().lock().unwrap_or_else(|e| e.into_inner());
+    r.entry(db_path.to_string())
+        .or_insert_with(|| {
+            let (wake_tx, wake_rx) = bounded(1);
+            Arc::new(DbState {
+                db_path: db_path.to_string(),
+                wal_path: format!("{db_path}-wal").into(),
+                log_path: format!("{db_path}-walcast").into(),
+                conf_path: format!("{db_path}-walcast-conf").into(),
+                inner: Mutex::new(Inner { role: Role::Off, log: None, last_error: None, fatal: None, last_generation_reason: None }),
+                capturing: AtomicBool::new(false),
+                refusing_writes: AtomicBool::new(false),
+                loaded: AtomicBool::new(false),
+                wake_tx,
+                wake_rx,
+                thread_started: AtomicBool::new(false),
+                catch_ups: AtomicU64::new(0),
+            })
+        })
+        .clone()
+}
+
+/// Called when SQLite opens a main database file through walcast.
+pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, readonly: bool) -> Result<Arc<DbState>, String> {
+    let state = get_or_create(db_path);
+    // The first open in this process resumes the role recorded beside the database.
+    if !state.loaded.swap(true, Ordering::AcqRel) {
+        match Conf::load(&state.conf_path) {
+            Ok(c) if c.role == Role::Primary => {
+                let mut g = state.lock();
+                if let Err(e) = state.activate(&mut g, None) {
+                    state.set_fatal(&mut g, e);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => report(&format!("{db_path}: {e}")),
+        }
+    }
+    if let Some(r) = uri_role {
+        let role = conf::parse_role(r).map_err(|e| format!("{db_path}: {e} (URI parameter walcast_role)"))?;
+        if role == Role::Primary && readonly {
+            return Err(format!("{db_path}: walcast_role=primary needs a read-write connection"));
+        }
+        state.set_role(role).map_err(|e| format!("{db_path}: {e}"))?;
+    }
+    Ok(state)
+}
+
+/// The answer to a walcast pragma on a database walcast cannot replicate.
+pub fn pragma_on_unreplicable(name: &str, what: &str) -> PragmaOutcome {
+    if name.to_ascii_lowercase().starts_with("walcast_") {
+        PragmaOutcome::Fail(format!("PRAGMA {name} cannot be used on {what}; walcast replicates only database files"))
+    } else {
+        PragmaOutcome::NotOurs
+    }
+}
+
+impl DbState {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    fn set_fatal(&self, g: &mut Inner, msg: String) {
+        report(&format!("{}: replication stopped, writes to this database are refused: {msg}", self.db_path));
+        g.fatal = Some(msg);
+        g.log = None;
+        self.capturing.store(false, Ordering::Release);
+        self.refusing_writes.store(g.role == Role::Primary, Ordering::Release);
+    }
+
+    // -- role --------------------------------------------------------------
+
+    /// Sets the role, as `PRAGMA walcast_role = ...` does. On error nothing has
+    /// changed.
+    pub fn set_role(&self, role: Role) -> Result<Role, String> {
+        let mut g = self.lock();
+        match role {
+            Role::Off => {
+                let mut c = Conf::load(&self.conf_path)?;
+                if c.role != Role::Off {
+                    c.role = Role::Off;
+                    c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+                }
+                self.capturing.store(false, Ordering::Release);
+                self.refusing_writes.store(false, Ordering::Release);
+                g.role = Role::Off;
+                g.log = None;
+                g.fatal = None;
+                g.last_error = None;
+                Ok(Role::Off)
+            }
+            Role::Primary => {
+                if g.role == Role::Primary && g.fatal.is_none() && g.log.is_some() {
+                    return Ok(Role::Primary);
+                }
+                let mut c = Conf::load(&self.conf_path)?;
+                let existing_log = self.check_existing_log(&c)?;
+                ensure_wal_mode(&self.db_path)?;
+                if existing_log.is_none() || c.db_id.is_none() {
+                    c.db_id = Some(conf::random_id().map_err(|e| format!("cannot make a database id: {e}"))?);
+                }
+                let before = Conf::load(&self.conf_path)?;
+                c.role = Role::Primary;
+                c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+                g.fatal = None;
+                let r = self.activate(&mut g, Some(&c));
+                drop(g);
+                // The role is only reported once the log can rebuild the database.
+                match r.and_then(|_| self.catch_up_now()) {
+                    Ok(()) => Ok(Role::Primary),
+                    Err(e) => {
+                        let mut g = self.lock();
+                        self.capturing.store(false, Ordering::Release);
+                        self.refusing_writes.store(false, Ordering::Release);
+                        g.role = before.role;
+                        g.log = None;
+                        let _ = before.save(&self.conf_path);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Validates the log beside the database, if there is one, against the conf's
+    /// identity, so that setting the role on a database with a foreign or corrupt
+    /// log fails before anything changes.
+    fn check_existing_log(&self, c: &Conf) -> Result<Option<()>, String> {
+        if !self.log_path.exists() {
+            return Ok(None);
+        }
+        let lf = crate::log::LogFile::open(&self.log_path).map_err(|e| e.to_string())?;
+        match c.db_id {
+            None => Err(format!(
+                "{} exists but {} does not tie it to this database: it may belong to another database; move it aside to start a new log",
+                self.log_path.display(),
+                self.conf_path.display()
+            )),
+            Some(id) if id != lf.id.db_id => Err(foreign_log_message(&self.log_path, &lf.id.db_id, &id)),
+            Some(_) => Ok(Some(())),
+        }
+    }
+
+    /// Opens (or creates) the log, reconciles it with the database, and starts
+    /// capturing. The caller holds the state lock.
+    fn activate(&self, g: &mut Inner, conf: Option<&Conf>) -> Result<(), String> {
+        let c = match conf {
+            Some(c) => c.clone(),
+            None => Conf::load(&self.conf_path)?,
+        };
+        g.role = Role::Primary;
+        let db_id = c.db_id.ok_or_else(|| format!("{} has no db_id", self.conf_path.display()))?;
+        ensure_wal_mode(&self.db_path)?;
+        let log = if self.log_path.exists() {
+            let (log, report_) = open_log_locked(&self.log_path)?;
+            if log.id.db_id != db_id {
+                return Err(foreign_log_message(&self.log_path, &log.id.db_id, &db_id));
+            }
+            if let Some((at, n)) = report_.torn_tail {
+                report(&format!(
+                    "{}: dropped a torn append of {n} bytes at offset {at} (a crash mid-write); the WAL supplies what it held",
+                    self.log_path.display()
+                ));
+            }
+            if let Some(p) = report_.header_problem {
+                report(&format!("{}: {p}; using the other header slot", self.log_path.display()));
+            }
+            log
+        } else {
+            LogWriter::create(&self.log_path, db_id).map_err(|e| format!("cannot create {}: {e}", self.log_path.display()))?
+        };
+        g.log = Some(log);
+        g.fatal = None;
+        self.refusing_writes.store(false, Ordering::Release);
+        self.capturing.store(true, Ordering::Release);
+        // The capture thread reconciles the log with the database at once:
+        // recovering from the WAL what was committed but not yet logged, or
+        // starting a generation. Hooks and SQL functions catch up synchronously.
+        self.start_thread();
+        let _ = self.wake_tx.try_send(());
+        Ok(())
+    }
+
+    fn start_thread(&self) {
+        let Some(me) = lookup(&self.db_path) else { return };
+        if self.thread_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        std::thread::Builder::new()
+            .name("walcast-capture".into())
+            .spawn(move || me.capture_thread())
+            .expect("cannot start the walcast capture thread");
+    }
+
+    /// The capture thread: woken after each write transaction (and once a second,
+    /// to notice writes made without walcast), it brings the log up to the WAL.
+    fn capture_thread(self: Arc<Self>) {
+        loop {
+            let _ = self.wake_rx.recv_timeout(Duration::from_secs(1));
+            if !self.is_capturing() {
+                continue;
+            }
+            // A base image waits for writers; give up after a short while and
+            // try again at the next wake-up rather than spin.
+            for attempt in 0..50 {
+                let mut g = self.lock();
+                match self.catch_up_locked(&mut g) {
+                    Err(CaptureError::Busy) => {
+                        drop(g);
+                        std::thread::sleep(Duration::from_millis(1 + attempt / 5));
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// One catch-up attempt with the state lock held. Records the outcome.
+    fn catch_up_locked(&self, g: &mut Inner) -> Result<CatchUp, CaptureError> {
+        if g.fatal.is_some() || g.role != Role::Primary {
+            return Ok(CatchUp::default());
+        }
+        let Some(log) = g.log.as_mut() else { return Ok(CatchUp::default()) };
+        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
+        let r = (|| {
+            log.lock().map_err(CaptureError::Io)?;
+            let r = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| {
+                let mut lock = || db.try_lock_writer();
+                let mut unlock = || db.unlock_writer();
+                capture::catch_up(log, &paths, Imaging::TakeWriteLock { db: &db, lock: &mut lock, unlock: &mut unlock })
+            });
+            log.unlock();
+            r
+        })();
+        self.catch_ups.fetch_add(1, Ordering::Relaxed);
+        self.record(g, r)
+    }
+
+    fn record(&self, g: &mut Inner, r: Result<CatchUp, CaptureError>) -> Result<CatchUp, CaptureError> {
+        match &r {
+            Ok(c) => {
+                g.last_error = None;
+                if let Some(reason) = &c.new_generation {
+                    let generation = g.log.as_ref().map(|l| l.state.generation).unwrap_or(0);
+                    if generation > 1 {
+                        report(&format!("{}: new generation {generation}: {reason}", self.db_path));
+                    }
+                    g.last_generation_reason = Some(reason.clone());
+                }
+            }
+            Err(CaptureError::Busy) => {}
+            Err(CaptureError::Log(e @ (LogError::Corrupt { .. } | LogError::NotALog { .. }))) => {
+                let msg = e.to_string();
+                self.set_fatal(g, msg);
+            }
+            Err(e) => {
+                let msg = format!("capture failed, will retry: {e}");
+                report(&format!("{}: {msg}", self.db_path));
+                g.last_error = Some(msg);
+            }
+        }
+        r
+    }
+
+    /// Brings the log up to date now (SQL functions call this, so what they
+    /// report includes every transaction committed before the call). Waits,
+    /// bounded, for writers when a base image is needed.
+    pub fn catch_up_now(&self) -> Result<(), String> {
+        let deadline = Instant::now() + IMAGE_WAIT;
+        loop {
+            let mut g = self.lock();
+            if let Some(f) = &g.fatal {
+                return Err(format!("replication stopped: {f}"));
+            }
+            if g.role != Role::Primary {
+                return Err(format!("{} is not a walcast primary (walcast_role is '{}')", self.db_path, g.role.as_str()));
+            }
+            match self.catch_up_locked(&mut g) {
+                Ok(_) => return Ok(()),
+                Err(CaptureError::Busy) if Instant::now() < deadline => {
+                    drop(g);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(CaptureError::Busy) => {
+                    return Err("timed out waiting for writers to finish so that a base image can be taken".into())
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    pub fn last_frame_no(&self) -> Result<u64, String> {
+        self.catch_up_now()?;
+        let g = self.lock();
+        Ok(g.log.as_ref().map(|l| l.state.last_frame_no).unwrap_or(0))
+    }
+
+    pub fn status_json(&self) -> String {
+        if self.is_capturing() {
+            let _ = self.catch_up_now();
+        }
+        let g = self.lock();
+        let conf = Conf::load(&self.conf_path).ok();
+        let mut v = serde_json::json!({
+            "role": g.role.as_str(),
+            "database": self.db_path,
+            "log": self.log_path.to_string_lossy(),
+            "state": if g.fatal.is_some() { "error" } else if g.role == Role::Primary { "capturing" } else { "off" },
+            "last_error": g.fatal.clone().or_else(|| g.last_error.clone()),
+        });
+        if let Some(id) = conf.and_then(|c| c.db_id) {
+            v["db_id"] = hex(&id).into();
+        }
+        if let Some(log) = &g.log {
+            let s = &log.state;
+            v["generation"] = s.generation.into();
+            v["frame_no"] = s.last_frame_no.into();
+            v["checksum"] = format!("{:016x}", s.last_checksum).into();
+            v["db_pages"] = s.db_pages.into();
+            v["page_size"] = s.page_size.into();
+            v["log_bytes"] = log.file_len().unwrap_or(0).into();
+            v["wal"] = match s.cursor {
+                WalCursor::InWal(p) => serde_json::json!({"salt1": format!("{:08x}", p.salt1), "salt2": format!("{:08x}", p.salt2), "frame": p.frame}),
+                WalCursor::Ended(_) => "none (checkpointed and removed)".into(),
+                WalCursor::Unknown => serde_json::Value::Null,
+            };
+            v["generation_reason"] = g.last_generation_reason.clone().into();
+        } else if let Ok(m) = std::fs::metadata(&self.log_path) {
+            v["log_bytes"] = m.len().into();
+        }
+        v.to_string()
+    }
+
+    // -- pragmas -----------------------------------------------------------
+
+    pub fn pragma(&self, name: &str, value: Option<&str>) -> PragmaOutcome {
+        let lname = name.to_ascii_lowercase();
+        match (lname.as_str(), value) {
+            ("walcast_role", None) => PragmaOutcome::Done(Some(self.lock().role.as_str().to_string())),
+            ("walcast_role", Some(v)) => match conf::parse_role(v).and_then(|r| self.set_role(r)) {
+                Ok(r) => PragmaOutcome::Done(Some(r.as_str().to_string())),
+                Err(e) => PragmaOutcome::Fail(e),
+            },
+            ("walcast_status", None) => PragmaOutcome::Done(Some(self.status_json())),
+            ("walcast_status", Some(_)) => PragmaOutcome::Fail("walcast_status is read-only".into()),
+            (n, _) if n.starts_with("walcast_") => {
+                PragmaOutcome::Fail(format!("unknown pragma '{name}': walcast has walcast_role and walcast_status"))
+            }
+            ("journal_mode", Some(v)) if !v.trim().eq_ignore_ascii_case("wal") && self.lock().role == Role::Primary => {
+                PragmaOutcome::Fail(format!(
+                    "{} is a replication primary and must stay in WAL mode (journal_mode={v} refused); set PRAGMA walcast_role='off' first",
+                    self.db_path
+                ))
+            }
+            ("locking_mode", Some(v)) if v.trim().eq_ignore_ascii_case("exclusive") && self.lock().role == Role::Primary => {
+                PragmaOutcome::Fail(format!(
+                    "{} is a replication primary: locking_mode=exclusive would hide its WAL from walcast; set PRAGMA walcast_role='off' first",
+                    self.db_path
+                ))
+            }
+            _ => PragmaOutcome::NotOurs,
+        }
+    }
+
+    // -- VFS hooks ---------------------------------------------------------
+
+    fn refuse(&self) -> HookError {
+        let why = self.lock().fatal.clone().unwrap_or_else(|| "replication is stopped".into());
+        HookError {
+            code: ffi::SQLITE_READONLY,
+            message: format!(
+                "{}: write refused because the replication log cannot record it: {why}. \
+                 Fix or move the log aside, or PRAGMA walcast_role='off' to write without replication",
+                self.db_path
+            ),
+        }
+    }
+
+    /// Before SQLite writes to the WAL. Offset 0 is a new WAL header: SQLite is
+    /// about to restart the WAL and overwrite frames the log may not hold yet.
+    pub fn before_wal_write(&self, off: u64, data: &[u8]) -> Result<(), HookError> {
+        if self.refusing_writes.load(Ordering::Acquire) {
+            return Err(self.refuse());
+        }
+        if off != 0 || data.len() < 32 || !self.is_capturing() {
+            return Ok(());
+        }
+        self.in_hook(|log, paths, db| capture::before_wal_restart(log, paths, db, data)).map_err(|message| HookError {
+            code: ffi::SQLITE_IOERR_WRITE,
+            message,
+        })
+    }
+
+    /// Before SQLite writes the database file. In WAL mode only checkpoints do; a
+    /// page 1 that says "rollback journal" means a write that would bypass the WAL.
+    pub fn before_db_write(&self, off: u64, data: &[u8]) -> Result<(), HookError> {
+        if off == 0 && data.len() >= 100 && data[18] == 1 && (self.is_capturing() || self.refusing_writes.load(Ordering::Acquire)) {
+            return Err(HookError {
+                code: ffi::SQLITE_READONLY,
+                message: format!("{}: a rollback-journal write to a replication primary was refused; the database must stay in WAL mode", self.db_path),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn before_wal_truncated(&self, size: u64) -> Result<(), String> {
+        if !self.is_capturing() {
+            return Ok(());
+        }
+        if size == 0 {
+            self.in_hook(|log, paths, db| capture::before_wal_ends(log, paths, db))
+        } else {
+            // journal_size_limit trims the file after a restart: capture anything
+            // it could cut off (nothing, normally).
+            self.in_hook(|log, paths, db| capture::catch_up(log, paths, Imaging::WritersExcluded(db)))
+        }
+    }
+
+    pub fn before_wal_deleted(&self) -> Result<(), String> {
+        if !self.is_capturing() {
+            return Ok(());
+        }
+        self.in_hook(|log, paths, db| capture::before_wal_ends(log, paths, db))
+    }
+
+    /// Runs a capture step on SQLite's thread, which excludes other writers.
+    fn in_hook<F>(&self, f: F) -> Result<(), String>
+    where
+        F: FnOnce(&mut LogWriter, &Paths, &PrivateDb) -> Result<CatchUp, CaptureError>,
+    {
+        let mut g = self.lock();
+        if g.fatal.is_some() || g.role != Role::Primary {
+            return Ok(());
+        }
+        let Some(log) = g.log.as_mut() else { return Ok(()) };
+        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
+        let r = (|| {
+            log.lock().map_err(CaptureError::Io)?;
+            let r = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| f(log, &paths, &db));
+            log.unlock();
+            r
+        })();
+        self.record(&mut g, r).map(|_| ()).map_err(|e| format!("{}: capture failed: {e}", self.db_path))
+    }
+
+    /// After the WAL write lock is released: wake the capture thread. Never blocks.
+    pub fn after_write_lock_released(&self) {
+        if self.is_capturing() {
+            let _ = self.wake_tx.try_send(());
+        }
+    }
+}
+
+fn foreign_log_message(path: &std::path::Path, log_id: &[u8; 16], db_id: &[u8; 16]) -> String {
+    format!(
+        "{} belongs to another database (its db_id is {}, this database's is {}); move it aside",
+        path.display(),
+        hex(log_id),
+        hex(db_id)
+    )
+}
+
+/// Opens a log for writing with its lock held, cutting off a torn append.
+fn open_log_locked(path: &std::path::Path) -> Result<(LogWriter, crate::log::OpenReport), String> {
+    // The lock must be held while a torn tail is cut, so that no other process is
+    // appending to it: open without repair, lock, then reopen with repair.
+    let (probe, _) = LogWriter::open(path, false).map_err(|e| e.to_string())?;
+    probe.lock().map_err(|e| e.to_string())?;
+    let r = LogWriter::open(path, true).map_err(|e| e.to_string());
+    probe.unlock();
+    r
+}
+
+/// Switches a database to WAL mode if it is not already, with a connection of
+/// walcast's own; fails with SQLite's reason when it cannot.
+fn ensure_wal_mode(db_path: &str) -> Result<(), String> {
+    // Bytes 18 and 19 of the header are 2 in WAL mode.
+    if let Ok(db) = PrivateDb::open(db_path) {
+        let mut h = [0u8; 20];
+        if db.size().unwrap_or(0) >= 20 && db.read_at(&mut h, 0).is_ok() && h[18] == 2 && h[19] == 2 {
+            return Ok(());
+        }
+    }
+    let conn = Connection::open(db_path).map_err(|e| format!("cannot open {db_path} to switch it to WAL mode: {e}"))?;
+    let mode = conn
+        .query_text("PRAGMA journal_mode=WAL")
+        .map_err(|e| format!("cannot switch {db_path} to WAL mode: {e}"))?
+        .unwrap_or_default();
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("cannot switch {db_path} to WAL mode: SQLite kept journal_mode '{mode}' (a read-only or in-memory database cannot use WAL)"));
+    }
+    Ok(())
+}
