@@ -1,0 +1,40 @@
+# walcast: `make` builds the extension; `make demo` and `make test` install what
+# they need first (scripts/install-deps.sh), so both work on a fresh machine.
+
+EXT      := target/release/libwalcast.so
+PYTHON   := /usr/bin/python3
+CARGO    ?= cargo
+
+.PHONY: all build deps test-deps demo test test-unit test-integration test-big clean
+
+all: build
+
+build: $(EXT)
+
+$(EXT): Cargo.toml $(wildcard src/*.rs)
+	$(CARGO) build --release
+
+deps:
+	bash scripts/install-deps.sh
+
+test-deps:
+	WALCAST_NEED_PYTEST=1 bash scripts/install-deps.sh
+
+demo: deps build
+	bash scripts/demo.sh
+
+test: test-deps build test-unit test-integration
+
+test-unit:
+	$(CARGO) test --release --lib
+
+test-integration: build
+	$(PYTHON) -m pytest -q tests
+
+# The 1 GiB transaction: capture and restore stream it; the test checks the
+# restored file and the capture thread's peak memory.
+test-big: test-deps build
+	WALCAST_BIG_MB=1100 $(PYTHON) -m pytest -q tests/test_big_transaction.py
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,112 @@
+"""Helpers shared by the tests and by the workload processes they start.
+
+Everything runs as real processes: Debian's /usr/bin/python3 (whose sqlite3
+module can load extensions) and the stock sqlite3 shell.
+"""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXT = os.environ.get("WALCAST_EXT") or os.path.join(ROOT, "target", "release", "libwalcast")
+PYTHON = "/usr/bin/python3"
+SQLITE3 = os.environ.get("WALCAST_SQLITE3", "sqlite3")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+_loaded = False
+
+
+def load():
+    """Loads walcast into this process (its VFS becomes the default)."""
+    global _loaded
+    if not _loaded:
+        c = sqlite3.connect(":memory:")
+        c.enable_load_extension(True)
+        c.load_extension(EXT)
+        c.close()
+        _loaded = True
+
+
+def connect(path, timeout=30.0, uri=False):
+    load()
+    return sqlite3.connect(path, isolation_level=None, timeout=timeout, uri=uri, check_same_thread=False)
+
+
+def shell(script, load=True, db=None, check=True, cwd=None, timeout=300):
+    """Runs the stock sqlite3 shell on `script`. With load, the script starts with
+    `.load` then `.open db` (the order the README's quick start gives)."""
+    lines = []
+    if load:
+        lines.append(f".load {EXT}")
+    if db is not None:
+        lines.append(f".open {db}")
+    lines.append(script)
+    p = subprocess.run([SQLITE3, "-batch", "-bail"], input="\n".join(lines) + "\n", capture_output=True,
+                       text=True, cwd=cwd, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"sqlite3 failed ({p.returncode}): {p.stderr}\nscript:\n{script}")
+    return p
+
+
+def py(code, *args, check=True, timeout=600, env=None):
+    """Runs Python code in a new Debian python3 process."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = HERE
+    if env:
+        e.update(env)
+    p = subprocess.run([PYTHON, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=e)
+    if check and p.returncode != 0:
+        raise AssertionError(f"python child failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def status(db):
+    out = shell("PRAGMA walcast_status;", db=db).stdout.strip()
+    return json.loads(out)
+
+
+def checkpoint_truncate(db):
+    """Checkpoints everything into the database file (no other connection may be open)."""
+    out = shell("PRAGMA wal_checkpoint(TRUNCATE);", db=db).stdout.strip()
+    assert out == "0|0|0" or out.startswith("0|"), f"checkpoint did not complete: {out}"
+
+
+def restore(db, out, frame_no=None, check=True):
+    arg = "" if frame_no is None else f", {int(frame_no)}"
+    return shell(f"SELECT walcast_restore('{db}', '{out}'{arg});", db=db, check=check)
+
+
+def verify(db, check=True):
+    return shell(f"SELECT walcast_verify('{db}');", db=db, check=check)
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def assert_same_file(a, b):
+    x, y = file_bytes(a), file_bytes(b)
+    if x != y:
+        first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
+        raise AssertionError(f"{a} ({len(x)} bytes) and {b} ({len(y)} bytes) differ first at byte {first} "
+                             f"(page {first // 4096 + 1} if 4096-byte pages)")
+
+
+def integrity_ok(path):
+    out = shell("PRAGMA integrity_check;", load=False, db=path).stdout.strip()
+    assert out == "ok", f"integrity_check of {path}: {out}"
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
