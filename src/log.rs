@@ -164,7 +164,7 @@ pub type LogResult<T> = Result<T, LogError>;
 // ---------------------------------------------------------------------------
 // Header slots
 
-fn encode_slot(id: &LogIdentity, seq: u64, s: &LogState) -> [u8; SLOT_LEN as usize] {
+fn encode_slot(id: &LogIdentity, seq: u64, s: &LogState, tail: &LogState) -> [u8; SLOT_LEN as usize] {
     let mut b = [0u8; SLOT_LEN as usize];
     b[0..8].copy_from_slice(LOG_MAGIC);
     b[8..12].copy_from_slice(&LOG_VERSION.to_le_bytes());
@@ -193,6 +193,14 @@ fn encode_slot(id: &LogIdentity, seq: u64, s: &LogState) -> [u8; SLOT_LEN as usi
     b[128..136].copy_from_slice(&stat.size.to_le_bytes());
     b[136..144].copy_from_slice(&stat.mtime_ns.to_le_bytes());
     b[144..152].copy_from_slice(&stat.ino.to_le_bytes());
+    // Where the last batch starts: opening the log re-verifies from there, so a
+    // damaged tail is found even when it lies before the durable point.
+    b[152..160].copy_from_slice(&tail.end_offset.to_le_bytes());
+    b[160..168].copy_from_slice(&tail.last_frame_no.to_le_bytes());
+    b[168..176].copy_from_slice(&tail.last_checksum.to_le_bytes());
+    b[176..184].copy_from_slice(&tail.generation.to_le_bytes());
+    b[184..188].copy_from_slice(&tail.page_size.to_le_bytes());
+    b[188..192].copy_from_slice(&tail.db_pages.to_le_bytes());
     let c = crc(&b[0..248]);
     b[248..256].copy_from_slice(&c.to_le_bytes());
     b
@@ -213,7 +221,7 @@ enum SlotProblem {
     BadVersion(u32),
 }
 
-fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState), SlotProblem> {
+fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState, LogState), SlotProblem> {
     if &b[0..8] != LOG_MAGIC {
         return Err(SlotProblem::NotALog);
     }
@@ -245,12 +253,23 @@ fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState), SlotProblem> {
         cursor,
         batches: 0,
     };
-    Ok((id, u64_at(b, 48), state))
+    let mut tail = state;
+    if u64_at(b, 152) >= RECORDS_START && u64_at(b, 152) <= state.end_offset {
+        tail.end_offset = u64_at(b, 152);
+        tail.last_frame_no = u64_at(b, 160);
+        tail.last_checksum = u64_at(b, 168);
+        tail.generation = u64_at(b, 176);
+        tail.page_size = u32_at(b, 184);
+        tail.db_pages = u32_at(b, 188);
+    }
+    Ok((id, u64_at(b, 48), state, tail))
 }
 
-/// Reads both header slots. Returns the identity, the newer valid slot's sequence
-/// and state, and a description of any slot that is damaged.
-fn read_header(path: &Path, file: &File) -> LogResult<(LogIdentity, u64, LogState, Option<String>)> {
+type Header = (LogIdentity, u64, LogState, LogState, Option<String>);
+
+/// Reads both header slots. Returns the identity, the newer valid slot's sequence,
+/// durable state and last-batch start, and a description of any damaged slot.
+fn read_header(path: &Path, file: &File) -> LogResult<Header> {
     let mut b = [0u8; RECORDS_START as usize];
     let len = file.metadata()?.len();
     if len < RECORDS_START {
@@ -270,11 +289,11 @@ fn read_header(path: &Path, file: &File) -> LogResult<(LogIdentity, u64, LogStat
                     what: "the two header slots name different databases".into(),
                 });
             }
-            let (id, seq, st) = if x.1 >= y.1 { x } else { y };
-            Ok((id, seq, st, None))
+            let (id, seq, st, tail) = if x.1 >= y.1 { x } else { y };
+            Ok((id, seq, st, tail, None))
         }
-        (Ok(x), Err(p)) => Ok((x.0, x.1, x.2, Some(damaged(1, &p)))),
-        (Err(p), Ok(y)) => Ok((y.0, y.1, y.2, Some(damaged(0, &p)))),
+        (Ok(x), Err(p)) => Ok((x.0, x.1, x.2, x.3, Some(damaged(1, &p)))),
+        (Err(p), Ok(y)) => Ok((y.0, y.1, y.2, y.3, Some(damaged(0, &p)))),
         (Err(SlotProblem::NotALog), Err(SlotProblem::NotALog)) => {
             Err(LogError::NotALog { path: path.into(), what: "no walcast log header (bad magic)".into() })
         }
@@ -637,7 +656,7 @@ pub struct LogFile {
 impl LogFile {
     pub fn open(path: &Path) -> LogResult<LogFile> {
         let file = File::open(path)?;
-        let (id, _seq, snapshot, header_problem) = read_header(path, &file)?;
+        let (id, _seq, snapshot, _tail, header_problem) = read_header(path, &file)?;
         Ok(LogFile { path: path.into(), file, id, snapshot, header_problem })
     }
 
@@ -663,6 +682,8 @@ pub struct LogWriter {
     file: File,
     pub id: LogIdentity,
     pub state: LogState,
+    /// The state where the last batch starts (for the header's tail check).
+    last_batch_start: LogState,
     slot_seq: u64,
     pending: Option<Pending>,
     buf: Vec<u8>,
@@ -692,9 +713,9 @@ impl LogWriter {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         let id = LogIdentity::new(db_id);
         let state = id.initial_state();
-        let mut w = LogWriter { path: path.into(), file, id, state, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
-        w.file.write_all_at(&encode_slot(&id, 1, &state), 0)?;
-        w.file.write_all_at(&encode_slot(&id, 0, &state), SLOT_LEN)?;
+        let mut w = LogWriter { path: path.into(), file, id, state, last_batch_start: state, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
+        w.file.write_all_at(&encode_slot(&id, 1, &state, &state), 0)?;
+        w.file.write_all_at(&encode_slot(&id, 0, &state, &state), SLOT_LEN)?;
         w.slot_seq = 1;
         w.file.sync_all()?;
         if let Some(dir) = path.parent() {
@@ -710,7 +731,7 @@ impl LogWriter {
     /// (`repair`); otherwise the state stops at the last complete unit.
     pub fn open(path: &Path, repair: bool) -> LogResult<(LogWriter, OpenReport)> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let (id, seq, snapshot, header_problem) = read_header(path, &file)?;
+        let (id, seq, snapshot, tail, header_problem) = read_header(path, &file)?;
         let len = file.metadata()?.len();
         if snapshot.end_offset > len || snapshot.end_offset < RECORDS_START {
             return Err(LogError::Corrupt {
@@ -723,9 +744,22 @@ impl LogWriter {
                 ),
             });
         }
-        let mut w = LogWriter { path: path.into(), file, id, state: snapshot, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
+        // Re-verify from the start of the last durable batch, not just from the
+        // durable point, so that damage to the log's tail is found on open.
+        let mut start = tail;
+        start.cursor = snapshot.cursor;
+        start.gen_offset = snapshot.gen_offset;
+        let mut w = LogWriter { path: path.into(), file, id, state: start, last_batch_start: start, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
         let mut report = OpenReport { header_problem, ..Default::default() };
         w.extend_from_file(repair, &mut report)?;
+        if w.state.end_offset < snapshot.end_offset {
+            return Err(LogError::Corrupt {
+                path: path.into(),
+                frame_no: w.state.last_frame_no + 1,
+                offset: w.state.end_offset,
+                what: format!("the durable part of the log ends early (at byte {} of {})", w.state.end_offset, snapshot.end_offset),
+            });
+        }
         Ok((w, report))
     }
 
@@ -749,8 +783,21 @@ impl LogWriter {
 
     fn extend_from_file(&mut self, repair: bool, report: &mut OpenReport) -> LogResult<()> {
         let mut st = self.state;
-        let end = scan(&self.path, &self.file, &self.id, &mut st, |_, _, _| Ok(()))?;
+        let mut unit_start = self.state;
+        let mut last_batch_start = self.last_batch_start;
+        let end = scan(&self.path, &self.file, &self.id, &mut st, |_, rec, run| {
+            match rec {
+                Record::Commit(_) => {
+                    last_batch_start = unit_start;
+                    unit_start = *run;
+                }
+                Record::WalEvent(_) => unit_start = *run,
+                _ => {}
+            }
+            Ok(())
+        })?;
         self.state = st;
+        self.last_batch_start = last_batch_start;
         if let ScanEnd::Torn { .. } = end {
             let len = self.file.metadata()?.len();
             if repair && len > st.end_offset {
@@ -845,6 +892,7 @@ impl LogWriter {
         }
         let c = CommitRecord { last_frame_no: p.run.last_frame_no, checksum: p.run.last_checksum, size_after, wal, unix_ms: now_ms() };
         let mut run = p.run;
+        let start = p.start;
         self.buf.extend_from_slice(&c.encode());
         if let Err(e) = self.flush_buf() {
             self.abort();
@@ -856,6 +904,7 @@ impl LogWriter {
         }
         run.batches += 1;
         run.end_offset = self.buf_offset;
+        self.last_batch_start = start;
         self.state = run;
         self.pending = None;
         Ok(run)
@@ -896,7 +945,7 @@ impl LogWriter {
         let slot = self.slot_seq % 2;
         let mut st = self.state;
         st.batches = 0;
-        self.file.write_all_at(&encode_slot(&self.id, self.slot_seq, &st), slot * SLOT_LEN)?;
+        self.file.write_all_at(&encode_slot(&self.id, self.slot_seq, &st, &self.last_batch_start), slot * SLOT_LEN)?;
         Ok(())
     }
 }

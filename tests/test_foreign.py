@@ -1,0 +1,71 @@
+"""Writes made to the primary's file by a process without walcast."""
+import os
+import subprocess
+
+import wc
+
+
+def make_primary(tmp):
+    db = os.path.join(tmp, "app.db")
+    wc.shell("CREATE TABLE t(x); INSERT INTO t VALUES (1); PRAGMA walcast_role='primary';", db=db)
+    return db
+
+
+def check_log_equals_db(tmp, db, name):
+    wc.checkpoint_truncate(db)
+    out = os.path.join(tmp, name)
+    wc.restore(db, out)
+    wc.assert_same_file(db, out)
+    wc.integrity_ok(out)
+
+
+def test_plain_sqlite3_write_while_no_walcast_process_is_open(tmp_path):
+    tmp = str(tmp_path)
+    db = make_primary(tmp)
+    # Stock sqlite3 without walcast: it writes, checkpoints and removes the WAL.
+    wc.shell("INSERT INTO t VALUES (2), (3);", load=False, db=db)
+    st = wc.status(db)
+    assert st["generation"] == 2, st
+    assert "without walcast" in st["generation_reason"], st
+    wc.shell("INSERT INTO t VALUES (4);", db=db)
+    check_log_equals_db(tmp, db, "r.db")
+    assert wc.shell("SELECT count(*) FROM t;", load=False, db=os.path.join(tmp, "r.db")).stdout.strip() == "4"
+
+
+def test_plain_sqlite3_truncating_the_wal_under_a_walcast_process(tmp_path):
+    tmp = str(tmp_path)
+    db = make_primary(tmp)
+    holder = subprocess.Popen([wc.PYTHON, "-c", f"""
+import sys, wc
+c = wc.connect({db!r})
+c.execute("INSERT INTO t VALUES (10)")
+print("ready", flush=True)
+sys.stdin.readline()
+c.execute("INSERT INTO t VALUES (11)")
+print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)
+sys.stdin.readline()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": wc.HERE})
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        wc.shell("INSERT INTO t VALUES (20); PRAGMA wal_checkpoint(TRUNCATE);", load=False, db=db)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert int(holder.stdout.readline())
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    st = wc.status(db)
+    assert st["generation"] >= 2, st
+    check_log_equals_db(tmp, db, "r.db")
+    assert wc.shell("SELECT group_concat(x) FROM (SELECT x FROM t ORDER BY x);", load=False,
+                    db=os.path.join(tmp, "r.db")).stdout.strip() == "1,10,11,20"
+
+
+def test_rollback_journal_write_is_refused_on_a_primary(tmp_path):
+    tmp = str(tmp_path)
+    db = make_primary(tmp)
+    p = wc.shell("PRAGMA journal_mode=DELETE;", db=db, check=False)
+    assert p.returncode != 0 and "must stay in WAL mode" in p.stderr, p.stderr
+    assert wc.shell("PRAGMA journal_mode;", db=db).stdout.strip() == "wal"
