@@ -425,9 +425,12 @@ impl DbState {
 
     // -- pragmas -----------------------------------------------------------
 
-    pub fn pragma(&self, name: &str, value: Option<&str>) -> PragmaOutcome {
+    pub fn pragma(&self, name: &str, value: Option<&str>, readonly: bool) -> PragmaOutcome {
         let lname = name.to_ascii_lowercase();
         match (lname.as_str(), value) {
+            ("walcast_role", Some(_)) if readonly => {
+                PragmaOutcome::Fail(format!("cannot set walcast_role on a read-only connection to {}", self.db_path))
+            }
             ("walcast_role", None) => PragmaOutcome::Done(Some(self.lock().role.as_str().to_string())),
             ("walcast_role", Some(v)) => match conf::parse_role(v).and_then(|r| self.set_role(r)) {
                 Ok(r) => PragmaOutcome::Done(Some(r.as_str().to_string())),

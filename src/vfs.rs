@@ -167,6 +167,7 @@ struct WcFile {
     /// The database this file belongs to (main db or its WAL), from Arc::into_raw.
     state: *const DbState,
     kind: FileKind,
+    readonly: bool,
 }
 
 impl WcFile {
@@ -239,7 +240,13 @@ unsafe extern "C" fn x_open(
     guard(ffi::SQLITE_CANTOPEN, || {
         let w = file as *mut WcFile;
         let inner = (file as *mut u8).add(std::mem::size_of::<WcFile>()) as *mut ffi::sqlite3_file;
-        ptr::write(w, WcFile { base: ffi::sqlite3_file { pMethods: ptr::null() }, inner, state: ptr::null(), kind: FileKind::Other });
+        ptr::write(w, WcFile {
+            base: ffi::sqlite3_file { pMethods: ptr::null() },
+            inner,
+            state: ptr::null(),
+            kind: FileKind::Other,
+            readonly: flags & ffi::SQLITE_OPEN_READONLY != 0,
+        });
         let ivfs = inner_vfs();
         let rc = ((*ivfs).xOpen.unwrap())(ivfs, name, inner, flags, out_flags);
         if rc != ffi::SQLITE_OK {
@@ -474,7 +481,7 @@ unsafe extern "C" fn f_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *
             let name = cstr_opt(*a.add(1)).unwrap_or("");
             let value = cstr_opt(*a.add(2));
             let outcome = match (w.kind, w.state()) {
-                (FileKind::MainDb, Some(state)) => state.pragma(name, value),
+                (FileKind::MainDb, Some(state)) => state.pragma(name, value, w.readonly),
                 _ => primary::pragma_on_unreplicable(name, "a temporary database"),
             };
             match outcome {
@@ -757,6 +764,10 @@ impl Drop for Connection {
 /// The walcast database behind a connection's main schema, or why there is none.
 pub fn state_of_connection(db: *mut ffi::sqlite3) -> Result<Arc<DbState>, String> {
     unsafe {
+        let name = cstr_opt(call!(db_filename(db, c"main".as_ptr()))).unwrap_or("");
+        if name.is_empty() {
+            return Err("this connection's database is in memory or temporary; open a database file after loading walcast (e.g. .open app.db)".into());
+        }
         let mut vfs: *mut ffi::sqlite3_vfs = ptr::null_mut();
         let rc = call!(file_control(db, c"main".as_ptr(), ffi::SQLITE_FCNTL_VFS_POINTER, &mut vfs as *mut _ as *mut c_void));
         if rc != ffi::SQLITE_OK || vfs.is_null() {
@@ -835,7 +846,7 @@ unsafe extern "C" fn guard_authorizer(
             match ud as usize {
                 x if x == GuardReason::OnWalcast as usize => return ffi::SQLITE_OK,
                 x if x == GuardReason::InMemory as usize => {
-                    "this connection's database is in memory; open a database file after loading walcast (.open app.db)"
+                    "this connection's database is in memory or temporary; open a database file after loading walcast (.open app.db)"
                 }
                 _ => "this connection's database was opened before walcast was loaded (or on another VFS); open it again (.open app.db)",
             }
