@@ -51,13 +51,13 @@ def shell(script, load=True, db=None, check=True, cwd=None, timeout=300):
     return p
 
 
-def py(code, *args, check=True, timeout=600, env=None):
+def py(code, *args, check=True, timeout=600, env=None, cwd=None):
     """Runs Python code in a new Debian python3 process."""
     e = dict(os.environ)
     e["PYTHONPATH"] = HERE
     if env:
         e.update(env)
-    p = subprocess.run([PYTHON, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=e)
+    p = subprocess.run([PYTHON, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"python child failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -88,12 +88,20 @@ def file_bytes(path):
         return f.read()
 
 
-def assert_same_file(a, b):
-    x, y = file_bytes(a), file_bytes(b)
-    if x != y:
-        first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
-        raise AssertionError(f"{a} ({len(x)} bytes) and {b} ({len(y)} bytes) differ first at byte {first} "
-                             f"(page {first // 4096 + 1} if 4096-byte pages)")
+def assert_same_file(a, b, chunk=1 << 22):
+    """Compares two files byte for byte, in bounded memory."""
+    sa, sb = os.path.getsize(a), os.path.getsize(b)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                first = off + next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
+                raise AssertionError(f"{a} ({sa} bytes) and {b} ({sb} bytes) differ first at byte {first} "
+                                     f"(page {first // 4096 + 1} if 4096-byte pages)")
+            if not x:
+                return
+            off += len(x)
 
 
 def integrity_ok(path):
