@@ -15,6 +15,7 @@
 //! transaction is read back from the WAL in three streaming passes (validate,
 //! find each page's last version, copy), with one bit per page and per frame.
 
+use crate::claim::{ClaimFile, ClaimState, WalMark};
 use crate::log::{DbStat, LogError, LogWriter, WalCursor, WalEvent};
 use crate::wal::{WalCommit, WalFile, WalPos};
 use std::fmt;
@@ -86,13 +87,25 @@ pub struct Paths<'a> {
     pub wal: &'a Path,
 }
 
+/// The claims of walcast writers (see `claim.rs`); None where nothing claims
+/// (unit tests of the log-following logic alone).
+pub type Claims<'a> = Option<&'a ClaimFile>;
+
+fn read_claims(claims: Claims) -> Result<Option<ClaimState>, CaptureError> {
+    match claims {
+        Some(c) => Ok(Some(c.read()?)),
+        None => Ok(None),
+    }
+}
+
 /// Brings the log up to the last transaction committed in the WAL. The caller
 /// holds the log's lock.
-pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging) -> Result<CatchUp, CaptureError> {
+pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Claims) -> Result<CatchUp, CaptureError> {
     log.refresh()?;
     let mut out = CatchUp::default();
     let wal = WalFile::open(paths.wal)?;
-    let problem = match (log.state.cursor, &wal) {
+    let claim_state = read_claims(claims)?;
+    let mut problem = match (log.state.cursor, &wal) {
         (WalCursor::Unknown, _) => Some(if log.state.generation == 0 {
             "replication started: base image of the database".to_string()
         } else {
@@ -122,29 +135,57 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging) -> Result<
             }
         }
     };
-    match problem {
-        Some(reason) => {
-            new_generation(log, paths, wal.as_ref(), imaging, &reason)?;
-            out.new_generation = Some(reason);
+    if problem.is_none() {
+        if let Some(cs) = claim_state.filter(|c| c.unhandled_foreign()) {
+            problem = Some(format!(
+                "a process without walcast wrote to the database (WAL frames up to {} of salts {:08x}/{:08x})",
+                cs.foreign.frame, cs.foreign.salt1, cs.foreign.salt2
+            ));
         }
-        None => {
-            if let (WalCursor::InWal(pos), Some(w)) = (log.state.cursor, &wal) {
-                append_commits(log, w, pos, &mut out)?;
-            }
+    }
+    if problem.is_none() {
+        if let (WalCursor::InWal(pos), Some(w)) = (log.state.cursor, &wal) {
+            problem = append_commits(log, w, pos, claims, claim_state, &mut out)?;
         }
+    }
+    if let Some(reason) = problem {
+        new_generation(log, paths, wal.as_ref(), imaging, claims, &reason)?;
+        out.new_generation = Some(reason);
     }
     Ok(out)
 }
 
-/// Appends every commit in `w` after `pos`.
-fn append_commits(log: &mut LogWriter, w: &WalFile, mut pos: WalPos, out: &mut CatchUp) -> Result<(), CaptureError> {
+/// Appends every commit in `w` after `pos`. Returns why a new generation is
+/// needed instead, when a commit was not written by walcast.
+fn append_commits(
+    log: &mut LogWriter,
+    w: &WalFile,
+    mut pos: WalPos,
+    claims: Claims,
+    mut claim_state: Option<ClaimState>,
+    out: &mut CatchUp,
+) -> Result<Option<String>, CaptureError> {
     let mut page = vec![0u8; w.page_size()];
     while let Some(c) = w.next_commit(&pos, &mut page)? {
+        if let Some(cs) = claim_state {
+            let (s1, s2) = (w.header.salt1, w.header.salt2);
+            if !cs.covers(s1, s2, c.commit) {
+                // Writers claim a commit before writing it, so a claim read now
+                // is complete for every commit already in the WAL.
+                claim_state = read_claims(claims)?;
+                if !claim_state.is_some_and(|cs| cs.covers(s1, s2, c.commit)) {
+                    return Ok(Some(format!(
+                        "a process without walcast wrote to the database (the transaction in WAL frames {}..{})",
+                        c.first, c.commit
+                    )));
+                }
+            }
+        }
         out.frames += append_transaction(log, w, &c, &mut page)?;
         out.transactions += 1;
         pos = c.end;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// A growable set of small integers, one bit each.
@@ -240,19 +281,38 @@ fn db_header_geometry(db: &dyn DbReader) -> io::Result<Option<(u32, u32)>> {
     Ok(Some((page_size, pages)))
 }
 
-fn new_generation(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, imaging: Imaging, reason: &str) -> Result<(), CaptureError> {
+fn new_generation(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, imaging: Imaging, claims: Claims, reason: &str) -> Result<(), CaptureError> {
     match imaging {
-        Imaging::WritersExcluded(db) => take_image(log, paths, wal, db, reason),
+        Imaging::WritersExcluded(db) => image_and_claim(log, paths, wal, db, claims, reason),
         Imaging::TakeWriteLock { db, lock, unlock } => {
             if !lock()? {
                 return Err(CaptureError::Busy);
             }
             // The WAL seen before the lock may have moved on; read it again.
-            let r = WalFile::open(paths.wal).map_err(CaptureError::from).and_then(|w| take_image(log, paths, w.as_ref(), db, reason));
+            let r = WalFile::open(paths.wal)
+                .map_err(CaptureError::from)
+                .and_then(|w| image_and_claim(log, paths, w.as_ref(), db, claims, reason));
             unlock();
             r
         }
     }
+}
+
+/// Takes a base image, then claims its WAL position (writers are excluded, so
+/// writing the writers' part of the claim file is safe) and marks every foreign
+/// write seen so far as handled: the image contains them.
+fn image_and_claim(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dyn DbReader, claims: Claims, reason: &str) -> Result<(), CaptureError> {
+    let seen = read_claims(claims)?;
+    take_image(log, paths, wal, db, reason)?;
+    if let (Some(c), Some(seen)) = (claims, seen) {
+        let mark = match log.state.cursor {
+            WalCursor::InWal(p) => WalMark { salt1: p.salt1, salt2: p.salt2, frame: p.frame },
+            _ => WalMark::default(),
+        };
+        c.write_claim(mark)?;
+        c.write_handled(seen.foreign_count)?;
+    }
+    Ok(())
 }
 
 /// Writes a generation record and a base image of the database as of the last
@@ -337,30 +397,35 @@ fn take_image(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dy
     Ok(())
 }
 
-/// Before SQLite overwrites the WAL from its start (a restart after a checkpoint):
-/// capture everything committed in the old WAL, make the log durable, then record
-/// that the log follows the new WAL. `new_header` is the 32-byte header SQLite is
-/// about to write. Runs on SQLite's thread, which holds the WAL write lock.
-pub fn before_wal_restart(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, new_header: &[u8]) -> Result<CatchUp, CaptureError> {
-    let r = catch_up(log, paths, Imaging::WritersExcluded(db))?;
+/// Before SQLite destroys WAL content (a restart that overwrites it from the
+/// start, a truncation, a deletion): capture everything committed in it and make
+/// the log durable. Runs on SQLite's thread, which excludes other writers.
+pub fn before_wal_reset(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, claims: Claims) -> Result<CatchUp, CaptureError> {
+    let r = catch_up(log, paths, Imaging::WritersExcluded(db), claims)?;
     log.sync()?;
-    if let Some(h) = crate::wal::WalHeader::parse(new_header) {
-        let pos = WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum };
-        log.wal_event(WalEvent::Started(pos, h.ckpt_seq))?;
-    }
     Ok(r)
 }
 
-/// Before SQLite truncates the WAL to zero or deletes it: capture everything,
-/// make the log durable, and record the database file's state so that a change
-/// made while no WAL exists is recognized. Writers are excluded by the caller.
-pub fn before_wal_ends(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader) -> Result<CatchUp, CaptureError> {
-    let r = catch_up(log, paths, Imaging::WritersExcluded(db))?;
+/// After SQLite wrote a new WAL header (`header`, 32 bytes): the log now follows
+/// that WAL from its start, and walcast claims it.
+pub fn after_wal_started(log: &mut LogWriter, claims: Claims, header: &[u8]) -> Result<(), CaptureError> {
+    if let Some(h) = crate::wal::WalHeader::parse(header) {
+        let pos = WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum };
+        log.wal_event(WalEvent::Started(pos, h.ckpt_seq))?;
+        if let Some(c) = claims {
+            c.write_claim(WalMark { salt1: h.salt1, salt2: h.salt2, frame: 0 })?;
+        }
+    }
+    Ok(())
+}
+
+/// After SQLite truncated the WAL to nothing or deleted it: record the database
+/// file's state, so that a change made while no WAL exists is recognized.
+pub fn after_wal_ended(log: &mut LogWriter, paths: &Paths) -> Result<(), CaptureError> {
     if let WalCursor::InWal(_) = log.state.cursor {
         log.wal_event(WalEvent::Ended(DbStat::of(paths.db)?))?;
     }
-    log.sync()?;
-    Ok(r)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -445,13 +510,13 @@ mod tests {
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
         let paths = Paths { db: &db, wal: &wal };
-        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_some());
         assert_eq!(log.state.last_frame_no, 4);
         // txn 2 spills page 3 twice and page 1 once; txn 3 is uncommitted.
         b.frame(3, 0, 0xB1).frame(1, 0, 0xB2).frame(3, 4, 0xB3).frame(2, 0, 0xC1);
         std::fs::write(&wal, &b.bytes).unwrap();
-        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert_eq!((r.transactions, r.frames), (1, 2));
         let pages = replay(&logp);
         assert_eq!(pages.len(), 4);
@@ -460,7 +525,7 @@ mod tests {
         assert_eq!(pages[&3][0], 0xB3);
         assert_eq!(pages[&4][0], 0xA2);
         // Nothing new: idempotent.
-        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert_eq!(r.transactions, 0);
     }
 
@@ -475,11 +540,11 @@ mod tests {
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
         let paths = Paths { db: &db, wal: &wal };
-        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         let mut b2 = WalBuilder::new(512, 6, 99);
         b2.frame(2, 2, 0xD1);
         std::fs::write(&wal, &b2.bytes).unwrap();
-        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.unwrap().contains("without walcast"));
         assert_eq!(log.state.generation, 2);
         let pages = replay(&logp);
@@ -497,20 +562,22 @@ mod tests {
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
         let paths = Paths { db: &db, wal: &wal };
-        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         b.frame(2, 2, 0xA2);
         std::fs::write(&wal, &b.bytes).unwrap();
         // SQLite restarts the WAL: the hook sees the old WAL still intact.
         let mut b2 = WalBuilder::new(512, 6, 77);
-        before_wal_restart(&mut log, &paths, &f, &b2.bytes[0..32]).unwrap();
+        before_wal_reset(&mut log, &paths, &f, None).unwrap();
+        after_wal_started(&mut log, None, &b2.bytes[0..32]).unwrap();
         b2.frame(1, 2, 0xE1);
         std::fs::write(&wal, &b2.bytes).unwrap();
-        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_none());
         assert_eq!(r.transactions, 1);
-        before_wal_ends(&mut log, &paths, &f).unwrap();
+        before_wal_reset(&mut log, &paths, &f, None).unwrap();
         std::fs::remove_file(&wal).unwrap();
-        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f)).unwrap();
+        after_wal_ended(&mut log, &paths).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_none());
         assert_eq!(log.state.generation, 1);
         let pages = replay(&logp);

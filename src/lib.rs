@@ -5,6 +5,7 @@
 //! - `wal`: reading SQLite's -wal file.
 //! - `log`: the replication log file.
 //! - `capture`: keeping the log in step with the WAL; base images; generations.
+//! - `claim`: which WAL commits walcast wrote (to recognize foreign writes).
 //! - `primary`: per-database state, role, capture thread, VFS hook decisions.
 //! - `restore`: verify and point-in-time restore from the log.
 //! - `conf`: the role and identity file beside the database.
@@ -12,6 +13,7 @@
 //! - `vfs`: the `walcast` VFS callbacks, the API pointer, the entry point glue.
 
 pub mod capture;
+pub mod claim;
 pub mod conf;
 pub mod frame;
 pub mod log;

@@ -680,6 +680,8 @@ impl LogFile {
 pub struct LogWriter {
     pub path: PathBuf,
     file: File,
+    /// The same open file description as `file`, for the flock guard.
+    lock_file: std::sync::Arc<File>,
     pub id: LogIdentity,
     pub state: LogState,
     /// The state where the last batch starts (for the header's tail check).
@@ -695,6 +697,15 @@ struct Pending {
     start: LogState,
     run: LogState,
     last_size_after: Option<u32>,
+}
+
+/// Holds a log's flock; dropping it releases the lock.
+pub struct LogLock(std::sync::Arc<File>);
+
+impl Drop for LogLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 /// What opening a log found at its tail.
@@ -713,7 +724,8 @@ impl LogWriter {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         let id = LogIdentity::new(db_id);
         let state = id.initial_state();
-        let mut w = LogWriter { path: path.into(), file, id, state, last_batch_start: state, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let lock_file = std::sync::Arc::new(file.try_clone()?);
+        let mut w = LogWriter { path: path.into(), file, lock_file, id, state, last_batch_start: state, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
         w.file.write_all_at(&encode_slot(&id, 1, &state, &state), 0)?;
         w.file.write_all_at(&encode_slot(&id, 0, &state, &state), SLOT_LEN)?;
         w.slot_seq = 1;
@@ -749,7 +761,8 @@ impl LogWriter {
         let mut start = tail;
         start.cursor = snapshot.cursor;
         start.gen_offset = snapshot.gen_offset;
-        let mut w = LogWriter { path: path.into(), file, id, state: start, last_batch_start: start, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let lock_file = std::sync::Arc::new(file.try_clone()?);
+        let mut w = LogWriter { path: path.into(), file, lock_file, id, state: start, last_batch_start: start, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
         let mut report = OpenReport { header_problem, ..Default::default() };
         w.extend_from_file(repair, &mut report)?;
         if w.state.end_offset < snapshot.end_offset {
@@ -763,7 +776,9 @@ impl LogWriter {
         Ok((w, report))
     }
 
-    /// Reads records other processes appended since our state was taken.
+    /// Reads records other processes appended since our state was taken, and
+    /// cuts off a batch one of them left unfinished (it crashed). The caller
+    /// holds the lock, so no other process is appending now.
     pub fn refresh(&mut self) -> LogResult<()> {
         let len = self.file.metadata()?.len();
         if len < self.state.end_offset {
@@ -776,7 +791,7 @@ impl LogWriter {
         }
         if len > self.state.end_offset {
             let mut report = OpenReport::default();
-            self.extend_from_file(false, &mut report)?;
+            self.extend_from_file(true, &mut report)?;
         }
         Ok(())
     }
@@ -808,15 +823,14 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Takes this log's exclusive cross-process lock (flock). Threads of one
-    /// process are serialized by the caller's mutex, since flock is per file
-    /// description.
-    pub fn lock(&self) -> io::Result<()> {
-        self.file.lock()
-    }
-
-    pub fn unlock(&self) {
-        let _ = self.file.unlock();
+    /// Takes this log's exclusive cross-process lock (flock), released when the
+    /// guard is dropped, also when a panic unwinds. Threads of one process are
+    /// serialized by the caller's mutex, since flock is per file description.
+    /// A batch left in progress by a panic is dropped.
+    pub fn lock(&mut self) -> io::Result<LogLock> {
+        self.lock_file.lock()?;
+        self.abort();
+        Ok(LogLock(self.lock_file.clone()))
     }
 
     pub fn file_len(&self) -> io::Result<u64> {
@@ -914,8 +928,9 @@ impl LogWriter {
     pub fn abort(&mut self) {
         if let Some(p) = self.pending.take() {
             self.buf.clear();
-            let _ = self.file.set_len(p.start.end_offset);
             self.state = p.start;
+            // If this fails, the next open or refresh cuts the unfinished batch.
+            let _ = self.file.set_len(p.start.end_offset);
         }
     }
 
@@ -941,6 +956,10 @@ impl LogWriter {
     /// then the other slot still names a durable point).
     pub fn sync(&mut self) -> LogResult<()> {
         self.file.sync_data()?;
+        // Another process may have written a newer slot since we read the header.
+        if let Ok((_, seq, _, _, _)) = read_header(&self.path, &self.file) {
+            self.slot_seq = self.slot_seq.max(seq);
+        }
         self.slot_seq += 1;
         let slot = self.slot_seq % 2;
         let mut st = self.state;

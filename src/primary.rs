@@ -9,6 +9,7 @@
 //! also where the log is made durable.
 
 use crate::capture::{self, CaptureError, CatchUp, Imaging, Paths};
+use crate::claim::{self, ClaimFile, ClaimState, WalMark};
 use crate::conf::{self, Conf, Role};
 use crate::log::{hex, LogError, LogWriter, WalCursor};
 use crate::vfs::{Connection, PrivateDb};
@@ -16,7 +17,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use libsqlite3_sys as ffi;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,25 @@ pub struct DbState {
     wake_rx: Receiver<()>,
     thread_started: AtomicBool,
     catch_ups: AtomicU64,
+    claims: OnceLock<ClaimFile>,
+    /// The last claim this process wrote: when the WAL's last commit is still
+    /// that one, nobody else committed since and the claim file need not be read.
+    claim_cache: Mutex<Option<WalMark>>,
+    /// Where this process has mapped the first wal-index region (0 = not mapped).
+    wal_index: AtomicUsize,
+    /// The page size of the WAL walcast follows (0 = not known yet).
+    wal_page_size: std::sync::atomic::AtomicU32,
+    claim_path: PathBuf,
+}
+
+/// The wal-index header fields a writer needs: the last committed frame, the
+/// WAL's salts and its page size.
+#[derive(Clone, Copy, Debug)]
+pub struct WalIndexHeader {
+    pub max_frame: u32,
+    pub salt1: u32,
+    pub salt2: u32,
+    pub page_size: u32,
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Arc<DbState>>> {
@@ -103,6 +123,11 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wake_rx,
                 thread_started: AtomicBool::new(false),
                 catch_ups: AtomicU64::new(0),
+                claims: OnceLock::new(),
+                claim_cache: Mutex::new(None),
+                wal_index: AtomicUsize::new(0),
+                wal_page_size: Default::default(),
+                claim_path: format!("{db_path}-walcast-claim").into(),
             })
         })
         .clone()
@@ -206,7 +231,8 @@ impl DbState {
                         self.refusing_writes.store(false, Ordering::Release);
                         g.role = before.role;
                         g.log = None;
-                        let _ = before.save(&self.conf_path);
+                        // Keep the new identity: the log just created carries it.
+                        let _ = Conf { role: before.role, db_id: c.db_id }.save(&self.conf_path);
                         Err(e)
                     }
                 }
@@ -261,6 +287,10 @@ impl DbState {
         } else {
             LogWriter::create(&self.log_path, db_id).map_err(|e| format!("cannot create {}: {e}", self.log_path.display()))?
         };
+        if self.claims.get().is_none() {
+            let c = ClaimFile::open(&self.claim_path).map_err(|e| format!("cannot open {}: {e}", self.claim_path.display()))?;
+            let _ = self.claims.set(c);
+        }
         g.log = Some(log);
         g.fatal = None;
         self.refusing_writes.store(false, Ordering::Release);
@@ -278,10 +308,19 @@ impl DbState {
         if self.thread_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("walcast-capture".into())
-            .spawn(move || me.capture_thread())
-            .expect("cannot start the walcast capture thread");
+            .spawn(move || loop {
+                // A panic must not end capture for the life of the process.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Arc::clone(&me).capture_thread())).is_err() {
+                    report(&format!("{}: internal error in the capture thread; restarting it", me.db_path));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = spawned {
+            self.thread_started.store(false, Ordering::Release);
+            report(&format!("{}: cannot start the capture thread: {e}", self.db_path));
+        }
     }
 
     /// The capture thread: woken after each write transaction (and once a second,
@@ -315,14 +354,12 @@ impl DbState {
         let Some(log) = g.log.as_mut() else { return Ok(CatchUp::default()) };
         let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
         let r = (|| {
-            log.lock().map_err(CaptureError::Io)?;
-            let r = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| {
+            let _locked = log.lock().map_err(CaptureError::Io)?;
+            PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| {
                 let mut lock = || db.try_lock_writer();
                 let mut unlock = || db.unlock_writer();
-                capture::catch_up(log, &paths, Imaging::TakeWriteLock { db: &db, lock: &mut lock, unlock: &mut unlock })
-            });
-            log.unlock();
-            r
+                capture::catch_up(log, &paths, Imaging::TakeWriteLock { db: &db, lock: &mut lock, unlock: &mut unlock }, self.claims.get())
+            })
         })();
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
         self.record(g, r)
@@ -471,19 +508,56 @@ impl DbState {
         }
     }
 
-    /// Before SQLite writes to the WAL. Offset 0 is a new WAL header: SQLite is
-    /// about to restart the WAL and overwrite frames the log may not hold yet.
-    pub fn before_wal_write(&self, off: u64, data: &[u8]) -> Result<(), HookError> {
+    /// SQLite writes to the WAL: `write` performs the write. Offset 0 is a new
+    /// WAL header: SQLite is restarting the WAL and will overwrite frames, so the
+    /// log captures them and is made durable first. A commit frame's header is
+    /// claimed before it is written.
+    pub fn wal_write(&self, off: u64, data: &[u8], wal_index: Option<WalIndexHeader>, write: impl FnOnce() -> i32) -> i32 {
         if self.refusing_writes.load(Ordering::Acquire) {
-            return Err(self.refuse());
+            let e = self.refuse();
+            report(&e.message);
+            return e.code;
         }
-        if off != 0 || data.len() < 32 || !self.is_capturing() {
-            return Ok(());
+        if !self.is_capturing() {
+            return write();
         }
-        self.in_hook(|log, paths, db| capture::before_wal_restart(log, paths, db, data)).map_err(|message| HookError {
-            code: ffi::SQLITE_IOERR_WRITE,
-            message,
-        })
+        if off == 0 && data.len() >= 32 {
+            let header = &data[..32];
+            if let Some(h) = crate::wal::WalHeader::parse(header) {
+                self.wal_page_size.store(h.page_size, Ordering::Release);
+            }
+            return self.around_wal_change("restarting the WAL", write, |log, claims, _| capture::after_wal_started(log, claims, header));
+        }
+        if data.len() == 24 && data[4..8] != [0, 0, 0, 0] {
+            // The header of a commit frame (its database size is non-zero).
+            if let Err(e) = self.claim_commit_frame(off, data, wal_index) {
+                report(&e.message);
+                return e.code;
+            }
+        }
+        write()
+    }
+
+    /// SQLite truncates the WAL (`truncate` does it).
+    pub fn wal_truncate(&self, size: u64, truncate: impl FnOnce() -> i32) -> i32 {
+        if !self.is_capturing() {
+            return truncate();
+        }
+        if size == 0 {
+            self.around_wal_change("truncating the WAL", truncate, |log, _, paths| capture::after_wal_ended(log, paths))
+        } else {
+            // journal_size_limit trims the file after a restart; what it cuts was
+            // captured at the restart.
+            truncate()
+        }
+    }
+
+    /// SQLite deletes the WAL (`delete` does it).
+    pub fn wal_delete(&self, delete: impl FnOnce() -> i32) -> i32 {
+        if !self.is_capturing() {
+            return delete();
+        }
+        self.around_wal_change("deleting the WAL", delete, |log, _, paths| capture::after_wal_ended(log, paths))
     }
 
     /// Before SQLite writes the database file. In WAL mode only checkpoints do; a
@@ -498,44 +572,110 @@ impl DbState {
         Ok(())
     }
 
-    pub fn before_wal_truncated(&self, size: u64) -> Result<(), String> {
-        if !self.is_capturing() {
-            return Ok(());
-        }
-        if size == 0 {
-            self.in_hook(|log, paths, db| capture::before_wal_ends(log, paths, db))
-        } else {
-            // journal_size_limit trims the file after a restart: capture anything
-            // it could cut off (nothing, normally).
-            self.in_hook(|log, paths, db| capture::catch_up(log, paths, Imaging::WritersExcluded(db)))
-        }
-    }
-
-    pub fn before_wal_deleted(&self) -> Result<(), String> {
-        if !self.is_capturing() {
-            return Ok(());
-        }
-        self.in_hook(|log, paths, db| capture::before_wal_ends(log, paths, db))
-    }
-
-    /// Runs a capture step on SQLite's thread, which excludes other writers.
-    fn in_hook<F>(&self, f: F) -> Result<(), String>
+    /// Runs an operation that destroys WAL content, with the log locked
+    /// throughout: capture and sync first, then the operation, then (if it
+    /// succeeded) record what became of the WAL. Runs on SQLite's thread, which
+    /// excludes other writers.
+    fn around_wal_change<A>(&self, what: &str, op: impl FnOnce() -> i32, after: A) -> i32
     where
-        F: FnOnce(&mut LogWriter, &Paths, &PrivateDb) -> Result<CatchUp, CaptureError>,
+        A: FnOnce(&mut LogWriter, capture::Claims, &Paths) -> Result<(), CaptureError>,
     {
         let mut g = self.lock();
-        if g.fatal.is_some() || g.role != Role::Primary {
+        if g.fatal.is_some() || g.role != Role::Primary || g.log.is_none() {
+            drop(g);
+            return op();
+        }
+        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
+        let claims = self.claims.get();
+        let log = g.log.as_mut().unwrap();
+        let locked = match log.lock() {
+            Ok(l) => l,
+            Err(e) => {
+                report(&format!("{}: cannot lock the replication log before {what}: {e}", self.db_path));
+                return ffi::SQLITE_IOERR_LOCK;
+            }
+        };
+        let pre = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| capture::before_wal_reset(log, &paths, &db, claims));
+        if let Err(e) = self.record(&mut g, pre) {
+            drop(locked);
+            report(&format!("{}: capture failed before {what}, so it was refused: {e}", self.db_path));
+            return ffi::SQLITE_IOERR_WRITE;
+        }
+        let rc = op();
+        if rc == ffi::SQLITE_OK {
+            if let Some(log) = g.log.as_mut() {
+                let post = after(log, claims, &paths);
+                let _ = self.record(&mut g, post.map(|_| CatchUp::default()));
+            }
+        }
+        drop(locked);
+        rc
+    }
+
+    /// Records where this process mapped the first wal-index region.
+    pub fn wal_index_mapped(&self, addr: usize) {
+        self.wal_index.store(addr, Ordering::Release);
+    }
+
+    pub fn wal_index_addr(&self) -> usize {
+        self.wal_index.load(Ordering::Acquire)
+    }
+
+    /// Before SQLite writes the header of a commit frame at WAL offset `off`
+    /// (the writer holds the WAL write lock): claim it, after checking that the
+    /// WAL's last commit before this transaction was claimed too.
+    fn claim_commit_frame(&self, off: u64, frame_header: &[u8], wal_index: Option<WalIndexHeader>) -> Result<(), HookError> {
+        let Some(claims) = self.claims.get() else { return Ok(()) };
+        let be = |at: usize| u32::from_be_bytes(frame_header[at..at + 4].try_into().unwrap());
+        let salts = (be(8), be(12));
+        if salts == (0, 0) && be(16) == 0 && be(20) == 0 {
+            // While a transaction rewrites spilled frames, SQLite first writes
+            // frame headers without salts or checksums, then rewrites them all
+            // before commit (walRewriteChecksums): the claim is made then.
             return Ok(());
         }
-        let Some(log) = g.log.as_mut() else { return Ok(()) };
-        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
-        let r = (|| {
-            log.lock().map_err(CaptureError::Io)?;
-            let r = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| f(log, &paths, &db));
-            log.unlock();
-            r
-        })();
-        self.record(&mut g, r).map(|_| ()).map_err(|e| format!("{}: capture failed: {e}", self.db_path))
+        let page_size = match self.wal_page_size.load(Ordering::Acquire) {
+            0 => match wal_index.map(|h| h.page_size).filter(|p| *p != 0) {
+                Some(p) => p,
+                None => match crate::wal::WalFile::open(&self.wal_path) {
+                    Ok(Some(w)) => w.header.page_size,
+                    _ => return Ok(()),
+                },
+            },
+            p => p,
+        };
+        let per = 24 + page_size as u64;
+        if off < 32 || (off - 32) % per != 0 {
+            return Ok(());
+        }
+        let frame = ((off - 32) / per + 1) as u32;
+        // The wal-index still describes the WAL as it was before this
+        // transaction, unless this transaction starts a new WAL.
+        let wal_last = match wal_index {
+            Some(h) if (h.salt1, h.salt2) == salts => h.max_frame,
+            _ => 0,
+        };
+        let io = |e: std::io::Error| HookError {
+            code: ffi::SQLITE_IOERR_WRITE,
+            message: format!("{}: cannot record the commit in {}: {e}", self.db_path, self.claim_path.display()),
+        };
+        let mut cache = self.claim_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let state = match *cache {
+            Some(c) if c.salt1 == salts.0 && c.salt2 == salts.1 && c.frame == wal_last => ClaimState { claimed: c, ..Default::default() },
+            _ => claims.read().map_err(io)?,
+        };
+        let (claim, foreign) = claim::on_commit_frame(&state, salts, wal_last, frame);
+        if let Some(f) = foreign {
+            let now = claims.read().map_err(io)?;
+            claims.write_foreign(f, now.foreign_count.wrapping_add(1)).map_err(io)?;
+            report(&format!(
+                "{}: transactions written without walcast found in the WAL (up to frame {}); the log starts a new generation",
+                self.db_path, f.frame
+            ));
+        }
+        claims.write_claim(claim).map_err(io)?;
+        *cache = Some(claim);
+        Ok(())
     }
 
     /// After the WAL write lock is released: wake the capture thread. Never blocks.
@@ -559,11 +699,9 @@ fn foreign_log_message(path: &std::path::Path, log_id: &[u8; 16], db_id: &[u8; 1
 fn open_log_locked(path: &std::path::Path) -> Result<(LogWriter, crate::log::OpenReport), String> {
     // The lock must be held while a torn tail is cut, so that no other process is
     // appending to it: open without repair, lock, then reopen with repair.
-    let (probe, _) = LogWriter::open(path, false).map_err(|e| e.to_string())?;
-    probe.lock().map_err(|e| e.to_string())?;
-    let r = LogWriter::open(path, true).map_err(|e| e.to_string());
-    probe.unlock();
-    r
+    let (mut probe, _) = LogWriter::open(path, false).map_err(|e| e.to_string())?;
+    let _locked = probe.lock().map_err(|e| e.to_string())?;
+    LogWriter::open(path, true).map_err(|e| e.to_string())
 }
 
 /// Switches a database to WAL mode if it is not already, with a connection of

@@ -53,7 +53,7 @@ fn guard<T, F: FnOnce() -> T>(on_panic: T, f: F) -> T {
                 .map(|s| s.to_string())
                 .or_else(|| e.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            crate::primary::report(&format!("internal error (panic caught at the SQLite boundary): {msg}"));
+            let _ = catch_unwind(|| crate::primary::report(&format!("internal error (panic caught at the SQLite boundary): {msg}")));
             on_panic
         }
     }
@@ -301,16 +301,12 @@ unsafe extern "C" fn x_open(
 
 unsafe extern "C" fn x_delete(_vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {
     guard(ffi::SQLITE_IOERR_DELETE, || {
-        if let Some(db) = cstr_opt(name).and_then(|p| p.strip_suffix("-wal")) {
-            if let Some(state) = primary::lookup(db) {
-                if let Err(msg) = state.before_wal_deleted() {
-                    primary::report(&msg);
-                    return ffi::SQLITE_IOERR_DELETE;
-                }
-            }
-        }
         let ivfs = inner_vfs();
-        ((*ivfs).xDelete.unwrap())(ivfs, name, sync_dir)
+        let delete = || ((*ivfs).xDelete.unwrap())(ivfs, name, sync_dir);
+        match cstr_opt(name).and_then(|p| p.strip_suffix("-wal")).and_then(primary::lookup) {
+            Some(state) => state.wal_delete(delete),
+            None => delete(),
+        }
     })
 }
 
@@ -409,32 +405,34 @@ unsafe extern "C" fn f_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_
 unsafe extern "C" fn f_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: ffi::sqlite3_int64) -> c_int {
     guard(ffi::SQLITE_IOERR_WRITE, || {
         let w = wc(f);
-        if let Some(state) = w.state() {
-            let data = std::slice::from_raw_parts(buf as *const u8, amt.max(0) as usize);
-            let verdict = match w.kind {
-                FileKind::Wal => state.before_wal_write(off as u64, data),
-                FileKind::MainDb => state.before_db_write(off as u64, data),
-                _ => Ok(()),
-            };
-            if let Err(e) = verdict {
-                primary::report(&e.message);
-                return e.code;
+        let write = || (w.inner_methods().xWrite.unwrap())(w.inner, buf, amt, off);
+        let Some(state) = w.state() else { return write() };
+        let data = std::slice::from_raw_parts(buf as *const u8, amt.max(0) as usize);
+        match w.kind {
+            FileKind::Wal => {
+                let wal_index = if amt == 24 { wal_index_header(state.wal_index_addr()) } else { None };
+                state.wal_write(off as u64, data, wal_index, write)
             }
+            FileKind::MainDb => match state.before_db_write(off as u64, data) {
+                Ok(()) => write(),
+                Err(e) => {
+                    primary::report(&e.message);
+                    e.code
+                }
+            },
+            _ => write(),
         }
-        (w.inner_methods().xWrite.unwrap())(w.inner, buf, amt, off)
     })
 }
 
 unsafe extern "C" fn f_truncate(f: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
     guard(ffi::SQLITE_IOERR_TRUNCATE, || {
         let w = wc(f);
-        if let (FileKind::Wal, Some(state)) = (w.kind, w.state()) {
-            if let Err(msg) = state.before_wal_truncated(size.max(0) as u64) {
-                primary::report(&msg);
-                return ffi::SQLITE_IOERR_TRUNCATE;
-            }
+        let truncate = || (w.inner_methods().xTruncate.unwrap())(w.inner, size);
+        match (w.kind, w.state()) {
+            (FileKind::Wal, Some(state)) => state.wal_truncate(size.max(0) as u64, truncate),
+            _ => truncate(),
         }
-        (w.inner_methods().xTruncate.unwrap())(w.inner, size)
     })
 }
 
@@ -518,8 +516,37 @@ unsafe extern "C" fn f_device_characteristics(f: *mut ffi::sqlite3_file) -> c_in
 unsafe extern "C" fn f_shm_map(f: *mut ffi::sqlite3_file, region: c_int, size: c_int, extend: c_int, out: *mut *mut c_void) -> c_int {
     guard(ffi::SQLITE_IOERR_SHMMAP, || {
         let w = wc(f);
-        (w.inner_methods().xShmMap.unwrap())(w.inner, region, size, extend, out)
+        let rc = (w.inner_methods().xShmMap.unwrap())(w.inner, region, size, extend, out);
+        if rc == ffi::SQLITE_OK && region == 0 && !(*out).is_null() {
+            if let Some(state) = w.state() {
+                state.wal_index_mapped(*out as usize);
+            }
+        }
+        rc
     })
+}
+
+/// Reads the wal-index header at `addr` (the first region of the -shm mapping).
+/// Called only by a writer holding the WAL write lock, so the header is stable:
+/// both copies must agree.
+fn wal_index_header(addr: usize) -> Option<primary::WalIndexHeader> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: `addr` is this process's mapping of region 0 (at least 32 KiB), kept
+    // mapped by the connection that is writing. Volatile: other processes write it.
+    unsafe {
+        let p = addr as *const u32;
+        let copy = |base: usize| -> [u32; 12] { std::array::from_fn(|i| ptr::read_volatile(p.add(base + i))) };
+        let (a, b) = (copy(0), copy(12));
+        if a != b || a[0] != 3_007_000 {
+            return None;
+        }
+        let sz = (a[3] >> 16) & 0xffff;
+        let page_size = (sz & 0xfe00) | ((sz & 1) << 16);
+        // The salts are kept as the WAL header's big-endian bytes.
+        Some(primary::WalIndexHeader { max_frame: a[4], salt1: u32::from_be(a[8]), salt2: u32::from_be(a[9]), page_size })
+    }
 }
 
 unsafe extern "C" fn f_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int, flags: c_int) -> c_int {
@@ -646,10 +673,14 @@ impl PrivateDb {
             if !self.shm_open.get() {
                 let mut p: *mut c_void = ptr::null_mut();
                 let rc = (m.xShmMap.unwrap())(self.file(), 0, 32768, 0, &mut p);
+                // Unmapping is harmless when nothing was mapped, so always do it.
+                self.shm_open.set(true);
+                if rc & 0xff == ffi::SQLITE_BUSY {
+                    return Ok(false);
+                }
                 if rc != ffi::SQLITE_OK && rc != ffi::SQLITE_READONLY {
                     return Err(io::Error::other(format!("cannot open the wal-index (SQLite error {rc})")));
                 }
-                self.shm_open.set(true);
             }
             let rc = (m.xShmLock.unwrap())(self.file(), 0, 1, ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE);
             match rc {
