@@ -74,10 +74,12 @@ pub enum Imaging<'a> {
     /// holding the write lock or an exclusive lock).
     WritersExcluded(&'a dyn DbReader),
     /// The caller holds no SQLite lock: `lock` must take the WAL write lock without
-    /// waiting (Ok(false) = busy) and `unlock` release it.
+    /// waiting (Ok(false) = busy), `committed` then read what the wal-index says
+    /// is committed, and `unlock` release the lock.
     TakeWriteLock {
         db: &'a dyn DbReader,
         lock: &'a mut dyn FnMut() -> io::Result<bool>,
+        committed: &'a mut dyn FnMut() -> Option<WalMark>,
         unlock: &'a mut dyn FnMut(),
     },
 }
@@ -85,6 +87,19 @@ pub enum Imaging<'a> {
 pub struct Paths<'a> {
     pub db: &'a Path,
     pub wal: &'a Path,
+    /// What the wal-index says is committed, when known: frames up to `frame` of
+    /// the WAL with these salts (none of a WAL with other salts). A commit frame
+    /// in the file past it was written by a writer that has not committed yet,
+    /// or that died before it could: SQLite will overwrite it, so capture must
+    /// not take it. None: trust the file, as SQLite's recovery does.
+    pub committed: Option<WalMark>,
+}
+
+impl Paths<'_> {
+    /// The last frame of `w` that may be captured.
+    fn limit(&self, w: &WalFile) -> Option<u32> {
+        self.committed.map(|m| if (m.salt1, m.salt2) == (w.header.salt1, w.header.salt2) { m.frame } else { 0 })
+    }
 }
 
 /// The claims of walcast writers (see `claim.rs`); None where nothing claims
@@ -105,7 +120,19 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
     let mut out = CatchUp::default();
     let wal = WalFile::open(paths.wal)?;
     let claim_state = read_claims(claims)?;
-    let mut problem = match (log.state.cursor, &wal) {
+    // A WAL change walcast announced before a crash: what the WAL file holds
+    // now says whether it happened.
+    let cursor = match (log.state.cursor, &wal) {
+        (WalCursor::Switching { to, .. }, Some(w)) if w.contains(&to)? => WalCursor::InWal(to),
+        (WalCursor::Switching { from, .. }, _) => WalCursor::InWal(from),
+        (WalCursor::Ending { from, .. }, Some(w)) if w.contains(&from)? => WalCursor::InWal(from),
+        (WalCursor::Ending { stat, .. }, None) => WalCursor::Ended(stat),
+        (WalCursor::Ending { from, .. }, Some(_)) => WalCursor::InWal(from),
+        (c, _) => c,
+    };
+    log.state.cursor = cursor;
+    let mut problem = match (cursor, &wal) {
+        (WalCursor::Switching { .. } | WalCursor::Ending { .. }, _) => unreachable!("resolved above"),
         (WalCursor::Unknown, _) => Some(if log.state.generation == 0 {
             "replication started: base image of the database".to_string()
         } else {
@@ -145,7 +172,7 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
     }
     if problem.is_none() {
         if let (WalCursor::InWal(pos), Some(w)) = (log.state.cursor, &wal) {
-            problem = append_commits(log, w, pos, claims, claim_state, &mut out)?;
+            problem = append_commits(log, w, pos, paths.limit(w), claims, claim_state, &mut out)?;
         }
     }
     if let Some(reason) = problem {
@@ -161,12 +188,16 @@ fn append_commits(
     log: &mut LogWriter,
     w: &WalFile,
     mut pos: WalPos,
+    limit: Option<u32>,
     claims: Claims,
     mut claim_state: Option<ClaimState>,
     out: &mut CatchUp,
 ) -> Result<Option<String>, CaptureError> {
     let mut page = vec![0u8; w.page_size()];
     while let Some(c) = w.next_commit(&pos, &mut page)? {
+        if limit.is_some_and(|l| c.commit > l) {
+            break;
+        }
         if let Some(cs) = claim_state {
             let (s1, s2) = (w.header.salt1, w.header.salt2);
             if !cs.covers(s1, s2, c.commit) {
@@ -284,14 +315,16 @@ fn db_header_geometry(db: &dyn DbReader) -> io::Result<Option<(u32, u32)>> {
 fn new_generation(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, imaging: Imaging, claims: Claims, reason: &str) -> Result<(), CaptureError> {
     match imaging {
         Imaging::WritersExcluded(db) => image_and_claim(log, paths, wal, db, claims, reason),
-        Imaging::TakeWriteLock { db, lock, unlock } => {
+        Imaging::TakeWriteLock { db, lock, committed, unlock } => {
             if !lock()? {
                 return Err(CaptureError::Busy);
             }
-            // The WAL seen before the lock may have moved on; read it again.
+            // The WAL seen before the lock may have moved on; read it again, and
+            // what is committed, now that no writer can change either.
+            let locked_paths = Paths { db: paths.db, wal: paths.wal, committed: committed() };
             let r = WalFile::open(paths.wal)
                 .map_err(CaptureError::from)
-                .and_then(|w| image_and_claim(log, paths, w.as_ref(), db, claims, reason));
+                .and_then(|w| image_and_claim(log, &locked_paths, w.as_ref(), db, claims, reason));
             unlock();
             r
         }
@@ -328,7 +361,7 @@ fn take_image(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dy
     let mut page = vec![0u8; page_size as usize];
     let (wal_end, wal_pages) = match wal {
         Some(w) => {
-            let (pos, pages) = w.last_commit(&mut page)?;
+            let (pos, pages) = w.last_commit(&mut page, paths.limit(w))?;
             (Some(pos), pages)
         }
         None => (None, None),
@@ -397,11 +430,32 @@ fn take_image(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dy
     Ok(())
 }
 
-/// Before SQLite destroys WAL content (a restart that overwrites it from the
-/// start, a truncation, a deletion): capture everything committed in it and make
-/// the log durable. Runs on SQLite's thread, which excludes other writers.
-pub fn before_wal_reset(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, claims: Claims) -> Result<CatchUp, CaptureError> {
+/// What SQLite is about to do to the WAL.
+pub enum WalChange<'a> {
+    /// Write this new 32-byte WAL header over the WAL (a restart).
+    Restart(&'a [u8]),
+    /// Truncate the WAL to nothing, or delete it.
+    End,
+}
+
+/// Before SQLite destroys WAL content: capture everything committed in the WAL,
+/// record what is about to happen, and make the log durable, all before the
+/// change. If the process dies before or after the change, the recorded intent
+/// and the WAL file on disk together say where the log stands. Runs on SQLite's
+/// thread, which excludes other writers.
+pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, claims: Claims, change: WalChange) -> Result<CatchUp, CaptureError> {
     let r = catch_up(log, paths, Imaging::WritersExcluded(db), claims)?;
+    if let WalCursor::InWal(from) = log.state.cursor {
+        match change {
+            WalChange::Restart(header) => {
+                if let Some(h) = crate::wal::WalHeader::parse(header) {
+                    let to = WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum };
+                    log.wal_event(WalEvent::Switching(from, to))?;
+                }
+            }
+            WalChange::End => log.wal_event(WalEvent::Ending(from, DbStat::of(paths.db)?))?,
+        }
+    }
     log.sync()?;
     Ok(r)
 }
@@ -422,7 +476,7 @@ pub fn after_wal_started(log: &mut LogWriter, claims: Claims, header: &[u8]) -> 
 /// After SQLite truncated the WAL to nothing or deleted it: record the database
 /// file's state, so that a change made while no WAL exists is recognized.
 pub fn after_wal_ended(log: &mut LogWriter, paths: &Paths) -> Result<(), CaptureError> {
-    if let WalCursor::InWal(_) = log.state.cursor {
+    if let WalCursor::InWal(_) | WalCursor::Ending { .. } = log.state.cursor {
         log.wal_event(WalEvent::Ended(DbStat::of(paths.db)?))?;
     }
     Ok(())
@@ -509,7 +563,7 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        let paths = Paths { db: &db, wal: &wal };
+        let paths = Paths { db: &db, wal: &wal, committed: None };
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_some());
         assert_eq!(log.state.last_frame_no, 4);
@@ -539,7 +593,7 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        let paths = Paths { db: &db, wal: &wal };
+        let paths = Paths { db: &db, wal: &wal, committed: None };
         catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         let mut b2 = WalBuilder::new(512, 6, 99);
         b2.frame(2, 2, 0xD1);
@@ -561,20 +615,20 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        let paths = Paths { db: &db, wal: &wal };
+        let paths = Paths { db: &db, wal: &wal, committed: None };
         catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         b.frame(2, 2, 0xA2);
         std::fs::write(&wal, &b.bytes).unwrap();
         // SQLite restarts the WAL: the hook sees the old WAL still intact.
         let mut b2 = WalBuilder::new(512, 6, 77);
-        before_wal_reset(&mut log, &paths, &f, None).unwrap();
+        before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b2.bytes[0..32])).unwrap();
         after_wal_started(&mut log, None, &b2.bytes[0..32]).unwrap();
         b2.frame(1, 2, 0xE1);
         std::fs::write(&wal, &b2.bytes).unwrap();
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_none());
         assert_eq!(r.transactions, 1);
-        before_wal_reset(&mut log, &paths, &f, None).unwrap();
+        before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
         std::fs::remove_file(&wal).unwrap();
         after_wal_ended(&mut log, &paths).unwrap();
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();

@@ -36,7 +36,7 @@ pub const TAG_GENERATION: u8 = b'G';
 pub const TAG_WAL_EVENT: u8 = b'W';
 
 const COMMIT_LEN: usize = 1 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 8 + 8;
-const WAL_EVENT_LEN: usize = 1 + 1 + 4 * 5 + 8 * 4 + 8;
+const WAL_EVENT_LEN: usize = 82;
 const MAX_REASON: usize = 1024;
 
 pub fn now_ms() -> u64 {
@@ -74,6 +74,12 @@ pub enum WalCursor {
     /// The log holds everything; the WAL was then truncated or deleted by walcast,
     /// leaving the database file in this state.
     Ended(DbStat),
+    /// The log holds all of the WAL at `from`; walcast was about to start the WAL
+    /// `to` over it. Resolved by which of the two the WAL file holds.
+    Switching { from: WalPos, to: WalPos },
+    /// The log holds all of the WAL at `from`; walcast was about to truncate or
+    /// delete it. Resolved by whether the WAL file still holds it.
+    Ending { from: WalPos, stat: DbStat },
 }
 
 /// The state of a log at a record boundary.
@@ -179,11 +185,18 @@ fn encode_slot(id: &LogIdentity, seq: u64, s: &LogState, tail: &LogState) -> [u8
     b[88..96].copy_from_slice(&s.gen_offset.to_le_bytes());
     b[96..100].copy_from_slice(&s.page_size.to_le_bytes());
     b[100..104].copy_from_slice(&s.db_pages.to_le_bytes());
-    let (kind, pos, stat) = match s.cursor {
-        WalCursor::Unknown => (0u32, WalPos { salt1: 0, salt2: 0, frame: 0, cksum: (0, 0) }, DbStat::default()),
-        WalCursor::InWal(p) => (1, p, DbStat::default()),
-        WalCursor::Ended(st) => (2, WalPos { salt1: 0, salt2: 0, frame: 0, cksum: (0, 0) }, st),
+    let zero = WalPos { salt1: 0, salt2: 0, frame: 0, cksum: (0, 0) };
+    let (kind, pos, stat, to) = match s.cursor {
+        WalCursor::Unknown => (0u32, zero, DbStat::default(), zero),
+        WalCursor::InWal(p) => (1, p, DbStat::default(), zero),
+        WalCursor::Ended(st) => (2, zero, st, zero),
+        WalCursor::Switching { from, to } => (3, from, DbStat::default(), to),
+        WalCursor::Ending { from, stat } => (4, from, stat, zero),
     };
+    b[192..196].copy_from_slice(&to.salt1.to_le_bytes());
+    b[196..200].copy_from_slice(&to.salt2.to_le_bytes());
+    b[200..204].copy_from_slice(&to.cksum.0.to_le_bytes());
+    b[204..208].copy_from_slice(&to.cksum.1.to_le_bytes());
     b[104..108].copy_from_slice(&kind.to_le_bytes());
     b[108..112].copy_from_slice(&pos.salt1.to_le_bytes());
     b[112..116].copy_from_slice(&pos.salt2.to_le_bytes());
@@ -237,9 +250,12 @@ fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState, LogState), SlotP
     let id = LogIdentity { db_id, first_frame_no: u64_at(b, 32), seed: u64_at(b, 40) };
     let pos = WalPos { salt1: u32_at(b, 108), salt2: u32_at(b, 112), frame: u32_at(b, 116), cksum: (u32_at(b, 120), u32_at(b, 124)) };
     let stat = DbStat { size: u64_at(b, 128), mtime_ns: u64_at(b, 136) as i64, ino: u64_at(b, 144) };
+    let to = WalPos { salt1: u32_at(b, 192), salt2: u32_at(b, 196), frame: 0, cksum: (u32_at(b, 200), u32_at(b, 204)) };
     let cursor = match u32_at(b, 104) {
         1 => WalCursor::InWal(pos),
         2 => WalCursor::Ended(stat),
+        3 => WalCursor::Switching { from: pos, to },
+        4 => WalCursor::Ending { from: pos, stat },
         _ => WalCursor::Unknown,
     };
     let state = LogState {
@@ -390,45 +406,95 @@ pub enum WalEvent {
     Started(WalPos, u32 /* checkpoint sequence */),
     /// walcast truncated or deleted the WAL after capturing all of it.
     Ended(DbStat),
+    /// walcast captured all of the WAL at `from` and is about to write a new WAL
+    /// header `to` over it. Written (and synced) before the write, so that a
+    /// crash in between leaves a position that names both possible WALs.
+    Switching(WalPos, WalPos),
+    /// walcast captured all of the WAL at `from` and is about to truncate or
+    /// delete it, leaving the database file in this state.
+    Ending(WalPos, DbStat),
 }
 
+fn put_pos(b: &mut [u8], at: usize, p: &WalPos, with_frame: bool) {
+    b[at..at + 4].copy_from_slice(&p.salt1.to_le_bytes());
+    b[at + 4..at + 8].copy_from_slice(&p.salt2.to_le_bytes());
+    let mut i = at + 8;
+    if with_frame {
+        b[i..i + 4].copy_from_slice(&p.frame.to_le_bytes());
+        i += 4;
+    }
+    b[i..i + 4].copy_from_slice(&p.cksum.0.to_le_bytes());
+    b[i + 4..i + 8].copy_from_slice(&p.cksum.1.to_le_bytes());
+}
+
+fn get_pos(b: &[u8], at: usize, with_frame: bool) -> WalPos {
+    let (frame, ck) = if with_frame { (u32_at(b, at + 8), at + 12) } else { (0, at + 8) };
+    WalPos { salt1: u32_at(b, at), salt2: u32_at(b, at + 4), frame, cksum: (u32_at(b, ck), u32_at(b, ck + 4)) }
+}
+
+fn put_stat(b: &mut [u8], at: usize, st: &DbStat) {
+    b[at..at + 8].copy_from_slice(&st.size.to_le_bytes());
+    b[at + 8..at + 16].copy_from_slice(&st.mtime_ns.to_le_bytes());
+    b[at + 16..at + 24].copy_from_slice(&st.ino.to_le_bytes());
+}
+
+fn get_stat(b: &[u8], at: usize) -> DbStat {
+    DbStat { size: u64_at(b, at), mtime_ns: u64_at(b, at + 8) as i64, ino: u64_at(b, at + 16) }
+}
+
+// WAL event record: tag, kind, `from` position (20 bytes), `to` WAL start (16),
+// checkpoint sequence (4), database stat (24), time (8), CRC-64 (8).
 impl WalEvent {
     pub fn encode(&self, unix_ms: u64) -> [u8; WAL_EVENT_LEN] {
         let mut b = [0u8; WAL_EVENT_LEN];
         b[0] = TAG_WAL_EVENT;
         match self {
-            WalEvent::Started(p, seq) => {
+            WalEvent::Started(to, seq) => {
                 b[1] = 1;
-                b[2..6].copy_from_slice(&p.salt1.to_le_bytes());
-                b[6..10].copy_from_slice(&p.salt2.to_le_bytes());
-                b[10..14].copy_from_slice(&seq.to_le_bytes());
-                b[14..18].copy_from_slice(&p.cksum.0.to_le_bytes());
-                b[18..22].copy_from_slice(&p.cksum.1.to_le_bytes());
+                put_pos(&mut b, 22, to, false);
+                b[38..42].copy_from_slice(&seq.to_le_bytes());
             }
             WalEvent::Ended(st) => {
                 b[1] = 2;
-                b[22..30].copy_from_slice(&st.size.to_le_bytes());
-                b[30..38].copy_from_slice(&st.mtime_ns.to_le_bytes());
-                b[38..46].copy_from_slice(&st.ino.to_le_bytes());
+                put_stat(&mut b, 42, st);
+            }
+            WalEvent::Switching(from, to) => {
+                b[1] = 3;
+                put_pos(&mut b, 2, from, true);
+                put_pos(&mut b, 22, to, false);
+            }
+            WalEvent::Ending(from, st) => {
+                b[1] = 4;
+                put_pos(&mut b, 2, from, true);
+                put_stat(&mut b, 42, st);
             }
         }
-        b[46..54].copy_from_slice(&unix_ms.to_le_bytes());
-        let c = crc(&b[0..54]);
-        b[54..62].copy_from_slice(&c.to_le_bytes());
+        b[66..74].copy_from_slice(&unix_ms.to_le_bytes());
+        let c = crc(&b[0..74]);
+        b[74..82].copy_from_slice(&c.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<WalEvent> {
-        if crc(&b[0..54]) != u64_at(b, 54) {
+        if crc(&b[0..74]) != u64_at(b, 74) {
             return None;
         }
         match b[1] {
-            1 => Some(WalEvent::Started(
-                WalPos { salt1: u32_at(b, 2), salt2: u32_at(b, 6), frame: 0, cksum: (u32_at(b, 14), u32_at(b, 18)) },
-                u32_at(b, 10),
-            )),
-            2 => Some(WalEvent::Ended(DbStat { size: u64_at(b, 22), mtime_ns: u64_at(b, 30) as i64, ino: u64_at(b, 38) })),
+            1 => Some(WalEvent::Started(get_pos(b, 22, false), u32_at(b, 38))),
+            2 => Some(WalEvent::Ended(get_stat(b, 42))),
+            3 => Some(WalEvent::Switching(get_pos(b, 2, true), get_pos(b, 22, false))),
+            4 => Some(WalEvent::Ending(get_pos(b, 2, true), get_stat(b, 42))),
             _ => None,
+        }
+    }
+
+    /// The log's cursor after this event.
+    pub fn cursor(&self) -> WalCursor {
+        match *self {
+            WalEvent::Started(p, _) => WalCursor::InWal(p),
+            WalEvent::Ended(st) => WalCursor::Ended(st),
+            WalEvent::Switching(from, to) => WalCursor::Switching { from, to },
+            WalEvent::Ending(from, stat) => WalCursor::Ending { from, stat },
         }
     }
 }
@@ -605,10 +671,7 @@ where
                 if in_unit {
                     return Err(corrupt(run.last_frame_no, rec_off, "WAL event record inside a transaction".into()));
                 }
-                run.cursor = match e {
-                    WalEvent::Started(p, _) => WalCursor::InWal(p),
-                    WalEvent::Ended(st) => WalCursor::Ended(st),
-                };
+                run.cursor = e.cursor();
                 off += WAL_EVENT_LEN as u64;
                 run.end_offset = off;
                 on_record(rec_off, &Record::WalEvent(e), &run)?;
@@ -686,6 +749,9 @@ pub struct LogWriter {
     pub state: LogState,
     /// The state where the last batch starts (for the header's tail check).
     last_batch_start: LogState,
+    /// Why the current generation started, when this writer has read or written
+    /// its generation record.
+    pub generation_reason: Option<String>,
     slot_seq: u64,
     pending: Option<Pending>,
     buf: Vec<u8>,
@@ -725,7 +791,7 @@ impl LogWriter {
         let id = LogIdentity::new(db_id);
         let state = id.initial_state();
         let lock_file = std::sync::Arc::new(file.try_clone()?);
-        let mut w = LogWriter { path: path.into(), file, lock_file, id, state, last_batch_start: state, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let mut w = LogWriter { path: path.into(), file, lock_file, id, state, last_batch_start: state, generation_reason: None, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
         w.file.write_all_at(&encode_slot(&id, 1, &state, &state), 0)?;
         w.file.write_all_at(&encode_slot(&id, 0, &state, &state), SLOT_LEN)?;
         w.slot_seq = 1;
@@ -762,7 +828,7 @@ impl LogWriter {
         start.cursor = snapshot.cursor;
         start.gen_offset = snapshot.gen_offset;
         let lock_file = std::sync::Arc::new(file.try_clone()?);
-        let mut w = LogWriter { path: path.into(), file, lock_file, id, state: start, last_batch_start: start, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let mut w = LogWriter { path: path.into(), file, lock_file, id, state: start, last_batch_start: start, generation_reason: None, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
         let mut report = OpenReport { header_problem, ..Default::default() };
         w.extend_from_file(repair, &mut report)?;
         if w.state.end_offset < snapshot.end_offset {
@@ -800,8 +866,10 @@ impl LogWriter {
         let mut st = self.state;
         let mut unit_start = self.state;
         let mut last_batch_start = self.last_batch_start;
+        let mut reason = None;
         let end = scan(&self.path, &self.file, &self.id, &mut st, |_, rec, run| {
             match rec {
+                Record::Generation(g) => reason = Some(g.reason.clone()),
                 Record::Commit(_) => {
                     last_batch_start = unit_start;
                     unit_start = *run;
@@ -811,6 +879,9 @@ impl LogWriter {
             }
             Ok(())
         })?;
+        if reason.is_some() && st.generation > self.state.generation {
+            self.generation_reason = reason;
+        }
         self.state = st;
         self.last_batch_start = last_batch_start;
         if let ScanEnd::Torn { .. } = end {
@@ -862,6 +933,7 @@ impl LogWriter {
         p.run.page_size = page_size;
         p.run.cursor = WalCursor::Unknown;
         self.buf.extend_from_slice(&g.encode());
+        self.generation_reason = Some(g.reason);
         Ok(())
     }
 
@@ -944,10 +1016,7 @@ impl LogWriter {
         let b = e.encode(now_ms());
         self.file.write_all_at(&b, self.state.end_offset)?;
         self.state.end_offset += b.len() as u64;
-        self.state.cursor = match e {
-            WalEvent::Started(p, _) => WalCursor::InWal(p),
-            WalEvent::Ended(st) => WalCursor::Ended(st),
-        };
+        self.state.cursor = e.cursor();
         Ok(())
     }
 

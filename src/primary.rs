@@ -80,6 +80,8 @@ pub struct DbState {
     claim_cache: Mutex<Option<WalMark>>,
     /// Where this process has mapped the first wal-index region (0 = not mapped).
     wal_index: AtomicUsize,
+    /// The wal-index header when this process last took the WAL write lock.
+    write_start: Mutex<Option<WalIndexHeader>>,
     /// The page size of the WAL walcast follows (0 = not known yet).
     wal_page_size: std::sync::atomic::AtomicU32,
     claim_path: PathBuf,
@@ -127,6 +129,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 claim_cache: Mutex::new(None),
                 wal_index: AtomicUsize::new(0),
                 wal_page_size: Default::default(),
+                write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
             })
         })
@@ -352,13 +355,17 @@ impl DbState {
             return Ok(CatchUp::default());
         }
         let Some(log) = g.log.as_mut() else { return Ok(CatchUp::default()) };
-        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
         let r = (|| {
             let _locked = log.lock().map_err(CaptureError::Io)?;
             PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| {
+                // Read what is committed before reading the WAL: a commit that
+                // lands in between is taken at the next wake-up.
+                let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed: db.wal_index_mark() };
                 let mut lock = || db.try_lock_writer();
+                let mut committed = || db.wal_index_mark();
                 let mut unlock = || db.unlock_writer();
-                capture::catch_up(log, &paths, Imaging::TakeWriteLock { db: &db, lock: &mut lock, unlock: &mut unlock }, self.claims.get())
+                let imaging = Imaging::TakeWriteLock { db: &db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
+                capture::catch_up(log, &paths, imaging, self.claims.get())
             })
         })();
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
@@ -450,10 +457,11 @@ impl DbState {
             v["log_bytes"] = log.file_len().unwrap_or(0).into();
             v["wal"] = match s.cursor {
                 WalCursor::InWal(p) => serde_json::json!({"salt1": format!("{:08x}", p.salt1), "salt2": format!("{:08x}", p.salt2), "frame": p.frame}),
-                WalCursor::Ended(_) => "none (checkpointed and removed)".into(),
+                WalCursor::Ended(_) | WalCursor::Ending { .. } => "none (checkpointed and removed)".into(),
+                WalCursor::Switching { to, .. } => serde_json::json!({"salt1": format!("{:08x}", to.salt1), "salt2": format!("{:08x}", to.salt2), "frame": 0}),
                 WalCursor::Unknown => serde_json::Value::Null,
             };
-            v["generation_reason"] = g.last_generation_reason.clone().into();
+            v["generation_reason"] = log.generation_reason.clone().or_else(|| g.last_generation_reason.clone()).into();
         } else if let Ok(m) = std::fs::metadata(&self.log_path) {
             v["log_bytes"] = m.len().into();
         }
@@ -526,7 +534,9 @@ impl DbState {
             if let Some(h) = crate::wal::WalHeader::parse(header) {
                 self.wal_page_size.store(h.page_size, Ordering::Release);
             }
-            return self.around_wal_change("restarting the WAL", write, |log, claims, _| capture::after_wal_started(log, claims, header));
+            return self.around_wal_change("restarting the WAL", capture::WalChange::Restart(header), write, |log, claims, _| {
+                capture::after_wal_started(log, claims, header)
+            });
         }
         if data.len() == 24 && data[4..8] != [0, 0, 0, 0] {
             // The header of a commit frame (its database size is non-zero).
@@ -544,7 +554,7 @@ impl DbState {
             return truncate();
         }
         if size == 0 {
-            self.around_wal_change("truncating the WAL", truncate, |log, _, paths| capture::after_wal_ended(log, paths))
+            self.around_wal_change("truncating the WAL", capture::WalChange::End, truncate, |log, _, paths| capture::after_wal_ended(log, paths))
         } else {
             // journal_size_limit trims the file after a restart; what it cuts was
             // captured at the restart.
@@ -557,7 +567,7 @@ impl DbState {
         if !self.is_capturing() {
             return delete();
         }
-        self.around_wal_change("deleting the WAL", delete, |log, _, paths| capture::after_wal_ended(log, paths))
+        self.around_wal_change("deleting the WAL", capture::WalChange::End, delete, |log, _, paths| capture::after_wal_ended(log, paths))
     }
 
     /// Before SQLite writes the database file. In WAL mode only checkpoints do; a
@@ -576,7 +586,7 @@ impl DbState {
     /// throughout: capture and sync first, then the operation, then (if it
     /// succeeded) record what became of the WAL. Runs on SQLite's thread, which
     /// excludes other writers.
-    fn around_wal_change<A>(&self, what: &str, op: impl FnOnce() -> i32, after: A) -> i32
+    fn around_wal_change<A>(&self, what: &str, change: capture::WalChange, op: impl FnOnce() -> i32, after: A) -> i32
     where
         A: FnOnce(&mut LogWriter, capture::Claims, &Paths) -> Result<(), CaptureError>,
     {
@@ -585,7 +595,11 @@ impl DbState {
             drop(g);
             return op();
         }
-        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path };
+        // What was committed when this thread took the WAL write lock: SQLite has
+        // since reset the wal-index for the new WAL, but the old WAL's frames up
+        // to that point are what was committed.
+        let committed = if what == "deleting the WAL" { None } else { self.write_start_mark() };
+        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
         let claims = self.claims.get();
         let log = g.log.as_mut().unwrap();
         let locked = match log.lock() {
@@ -595,7 +609,7 @@ impl DbState {
                 return ffi::SQLITE_IOERR_LOCK;
             }
         };
-        let pre = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| capture::before_wal_reset(log, &paths, &db, claims));
+        let pre = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| capture::before_wal_change(log, &paths, &db, claims, change));
         if let Err(e) = self.record(&mut g, pre) {
             drop(locked);
             report(&format!("{}: capture failed before {what}, so it was refused: {e}", self.db_path));
@@ -610,6 +624,19 @@ impl DbState {
         }
         drop(locked);
         rc
+    }
+
+    /// The WAL write lock was just taken: remember what the wal-index said was
+    /// committed then (see `around_wal_change`).
+    pub fn write_lock_acquired(&self, hdr: Option<WalIndexHeader>) {
+        if self.is_capturing() {
+            *self.write_start.lock().unwrap_or_else(|e| e.into_inner()) = hdr;
+        }
+    }
+
+    fn write_start_mark(&self) -> Option<WalMark> {
+        let h = (*self.write_start.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Some(WalMark { salt1: h.salt1, salt2: h.salt2, frame: h.max_frame })
     }
 
     /// Records where this process mapped the first wal-index region.
@@ -680,6 +707,10 @@ impl DbState {
 
     /// After the WAL write lock is released: wake the capture thread. Never blocks.
     pub fn after_write_lock_released(&self) {
+        // The mark belongs to the write lock just released.
+        if let Ok(mut m) = self.write_start.try_lock() {
+            *m = None;
+        }
         if self.is_capturing() {
             let _ = self.wake_tx.try_send(());
         }

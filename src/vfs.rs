@@ -527,19 +527,27 @@ unsafe extern "C" fn f_shm_map(f: *mut ffi::sqlite3_file, region: c_int, size: c
 }
 
 /// Reads the wal-index header at `addr` (the first region of the -shm mapping).
-/// Called only by a writer holding the WAL write lock, so the header is stable:
-/// both copies must agree.
+/// It is accepted only as SQLite's readers accept it: both copies equal, the
+/// checksum right, and initialized.
 fn wal_index_header(addr: usize) -> Option<primary::WalIndexHeader> {
     if addr == 0 {
         return None;
     }
     // SAFETY: `addr` is this process's mapping of region 0 (at least 32 KiB), kept
-    // mapped by the connection that is writing. Volatile: other processes write it.
+    // mapped by the calling connection. Volatile: other processes write it.
     unsafe {
         let p = addr as *const u32;
         let copy = |base: usize| -> [u32; 12] { std::array::from_fn(|i| ptr::read_volatile(p.add(base + i))) };
         let (a, b) = (copy(0), copy(12));
-        if a != b || a[0] != 3_007_000 {
+        if a != b || a[0] != 3_007_000 || a[3] & 0xff == 0 {
+            return None;
+        }
+        // aCksum covers the first 40 bytes, as native-order words.
+        let mut bytes = [0u8; 40];
+        for (i, w) in a[..10].iter().enumerate() {
+            bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        if crate::wal::wal_checksum(cfg!(target_endian = "big"), &bytes, (0, 0)) != (a[10], a[11]) {
             return None;
         }
         let sz = (a[3] >> 16) & 0xffff;
@@ -553,6 +561,11 @@ unsafe extern "C" fn f_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int
     guard(ffi::SQLITE_IOERR_SHMLOCK, || {
         let w = wc(f);
         let rc = (w.inner_methods().xShmLock.unwrap())(w.inner, ofst, n, flags);
+        if rc == ffi::SQLITE_OK && ofst == 0 && flags == (ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE) {
+            if let Some(state) = w.state() {
+                state.write_lock_acquired(wal_index_header(state.wal_index_addr()));
+            }
+        }
         // Releasing the WAL write lock ends a write transaction (or a recovery, or
         // a checkpoint that restarted the WAL): wake the capture thread. O(1).
         if rc == ffi::SQLITE_OK && ofst == 0 && flags == (ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE) {
@@ -691,6 +704,33 @@ impl PrivateDb {
                 ffi::SQLITE_BUSY => Ok(false),
                 _ => Err(io::Error::other(format!("cannot take the WAL write lock (SQLite error {rc})"))),
             }
+        }
+    }
+
+    /// What this database's wal-index says is committed, when it holds a valid
+    /// header (None when no connection has initialized it: then SQLite's next
+    /// reader recovers from the WAL file, as capture does).
+    pub fn wal_index_mark(&self) -> Option<crate::claim::WalMark> {
+        unsafe {
+            let m = self.methods();
+            if m.iVersion < 2 || m.xShmMap.is_none() {
+                return None;
+            }
+            let mut p: *mut c_void = ptr::null_mut();
+            let rc = (m.xShmMap.unwrap())(self.file(), 0, 32768, 0, &mut p);
+            self.shm_open.set(true);
+            if rc != ffi::SQLITE_OK || p.is_null() {
+                return None;
+            }
+            // A writer updates the two copies one after the other: try again
+            // when caught in between.
+            for _ in 0..100 {
+                if let Some(h) = wal_index_header(p as usize) {
+                    return Some(crate::claim::WalMark { salt1: h.salt1, salt2: h.salt2, frame: h.max_frame });
+                }
+                std::thread::yield_now();
+            }
+            None
         }
     }
 

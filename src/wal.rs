@@ -226,11 +226,15 @@ impl WalFile {
         Ok(None)
     }
 
-    /// The position after the last valid commit in the whole WAL.
-    pub fn last_commit(&self, page: &mut [u8]) -> io::Result<(WalPos, Option<u32>)> {
+    /// The position after the last valid commit in the WAL, at or before frame
+    /// `limit` when one is given.
+    pub fn last_commit(&self, page: &mut [u8], limit: Option<u32>) -> io::Result<(WalPos, Option<u32>)> {
         let mut pos = self.start();
         let mut db_pages = None;
         while let Some(c) = self.next_commit(&pos, page)? {
+            if limit.is_some_and(|l| c.commit > l) {
+                break;
+            }
             pos = c.end;
             db_pages = Some(c.db_pages);
         }
@@ -308,7 +312,7 @@ mod tests {
         assert_eq!((c2.first, c2.commit, c2.db_pages), (3, 4, 4));
         assert!(w.next_commit(&c2.end, &mut page).unwrap().is_none());
         assert!(w.contains(&c2.end).unwrap());
-        let (last, pages) = w.last_commit(&mut page).unwrap();
+        let (last, pages) = w.last_commit(&mut page, None).unwrap();
         assert_eq!((last, pages), (c2.end, Some(4)));
     }
 
@@ -319,7 +323,7 @@ mod tests {
         let at = 32 + 24 + 512 + 24 + 100; // inside the second frame's page
         b.bytes[at] ^= 0xff;
         let (_p, w) = write(&b.bytes);
-        let (last, _) = w.last_commit(&mut vec![0u8; 512]).unwrap();
+        let (last, _) = w.last_commit(&mut vec![0u8; 512], None).unwrap();
         assert_eq!(last.frame, 1);
     }
 }

@@ -1,4 +1,5 @@
 """Writes made to the primary's file by a process without walcast."""
+import json
 import os
 import subprocess
 
@@ -69,3 +70,37 @@ def test_rollback_journal_write_is_refused_on_a_primary(tmp_path):
     p = wc.shell("PRAGMA journal_mode=DELETE;", db=db, check=False)
     assert p.returncode != 0 and "must stay in WAL mode" in p.stderr, p.stderr
     assert wc.shell("PRAGMA journal_mode;", db=db).stdout.strip() == "wal"
+
+
+def test_plain_sqlite3_appending_to_the_wal_walcast_follows(tmp_path):
+    """A foreign transaction still in the WAL is detected at the next capture."""
+    tmp = str(tmp_path)
+    db = make_primary(tmp)
+    holder = subprocess.Popen([wc.PYTHON, "-c", f"""
+import sys, wc
+c = wc.connect({db!r})
+c.execute("INSERT INTO t VALUES (10)")
+print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)
+sys.stdin.readline()
+c.execute("INSERT INTO t VALUES (11)")
+print(c.execute("PRAGMA walcast_status").fetchone()[0], flush=True)
+sys.stdin.readline()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": wc.HERE})
+    try:
+        int(holder.stdout.readline())
+        # The walcast process keeps the WAL open, so plain sqlite3 appends to it.
+        wc.shell("INSERT INTO t VALUES (20);", load=False, db=db)
+        assert os.path.getsize(db + "-wal") > 0
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        st = json.loads(holder.stdout.readline())
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert st["generation"] == 2, st
+    assert "without walcast" in st["generation_reason"], st
+    check_log_equals_db(tmp, db, "r.db")
+    assert wc.shell("SELECT group_concat(x) FROM (SELECT x FROM t ORDER BY x);", load=False,
+                    db=os.path.join(tmp, "r.db")).stdout.strip() == "1,10,11,20"
