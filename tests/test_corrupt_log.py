@@ -40,29 +40,34 @@ def test_every_flipped_byte_is_found_and_named(tmp_path):
     assert '"ok":true' in wc.verify(db).stdout
 
 
+def frame_records(data, page_size=1024):
+    """(offset, frame_no) of each frame record, walking the log's records as
+    README.md describes them."""
+    off, out = 512, []
+    while off < len(data):
+        tag = data[off]
+        if tag == ord("F"):
+            out.append((off, int.from_bytes(data[off + 1:off + 9], "little")))
+            off += 1 + 24 + page_size
+        elif tag == ord("G"):
+            off += 31 + int.from_bytes(data[off + 29:off + 31], "little") + 8
+        elif tag == ord("C"):
+            off += 61
+        elif tag == ord("W"):
+            off += 82
+        else:
+            raise AssertionError(f"unknown tag {tag} at {off}")
+    return out
+
+
 def test_flip_names_the_right_frame(tmp_path):
     tmp = str(tmp_path)
     db = make_primary_with_history(tmp, txns=5)
     log = db + "-walcast"
     data = bytearray(wc.file_bytes(log))
-    # Frame records: tag 'F', 24-byte header (frame_no first), then a 1024-byte page.
     # Flip a byte inside the page of frame 3.
-    off = 512
-    while True:
-        assert data[off] in b"FCGW"
-        if data[off] == ord("F"):
-            frame_no = int.from_bytes(data[off + 1:off + 9], "little")
-            if frame_no == 3:
-                data[off + 1 + 24 + 500] ^= 0x10
-                break
-            off += 1 + 24 + 1024
-        elif data[off] == ord("G"):
-            rl = int.from_bytes(data[off + 29:off + 31], "little")
-            off += 31 + rl + 8
-        elif data[off] == ord("C"):
-            off += 61
-        else:
-            off += 62
+    off = dict((n, o) for o, n in frame_records(data))[3]
+    data[off + 1 + 24 + 500] ^= 0x10
     with open(log, "wb") as f:
         f.write(data)
     p = wc.verify(db, check=False)
@@ -77,14 +82,14 @@ def test_corrupt_tail_found_on_open_refuses_writes_but_reads_work(tmp_path):
     db = make_primary_with_history(tmp, txns=5)
     log = db + "-walcast"
     data = bytearray(wc.file_bytes(log))
-    # Damage the last frame's page (the log's tail, past its durable point or not).
-    last_f = data.rfind(b"F", 0, len(data) - 62 - 61 - 1024)
-    data[len(data) - 62 - 61 - 10] ^= 0xFF
+    # Damage the last frame's page: the log's tail.
+    off, frame_no = frame_records(data)[-1]
+    data[off + 1 + 24 + 10] ^= 0xFF
     with open(log, "wb") as f:
         f.write(data)
     p = wc.shell("SELECT count(*) FROM t; PRAGMA walcast_status;", db=db, check=False)
     assert p.stdout.splitlines()[0] == "5", p.stdout
-    assert '"state":"error"' in p.stdout and "corrupt at frame_no" in p.stdout, p.stdout
+    assert '"state":"error"' in p.stdout and f"corrupt at frame_no {frame_no}" in p.stdout, p.stdout
     p = wc.shell("INSERT INTO t VALUES (1);", db=db, check=False)
     assert p.returncode != 0, "a write was accepted though the log cannot record it"
     assert "replication log" in p.stderr, p.stderr
