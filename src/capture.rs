@@ -267,6 +267,9 @@ fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mu
                 continue;
             }
             let h = w.read_frame_header(f)?;
+            if (h.salt1, h.salt2) != (w.header.salt1, w.header.salt2) {
+                return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
+            }
             w.read_page(f, page)?;
             written += 1;
             let size_after = if written == kept { c.db_pages } else { 0 };

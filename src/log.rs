@@ -719,7 +719,12 @@ pub struct LogFile {
 impl LogFile {
     pub fn open(path: &Path) -> LogResult<LogFile> {
         let file = File::open(path)?;
-        let (id, _seq, snapshot, _tail, header_problem) = read_header(path, &file)?;
+        // A writer rewrites a header slot at each sync: read the header while no
+        // writer holds the lock, so that a slot is never seen half-written.
+        file.lock_shared()?;
+        let header = read_header(path, &file);
+        let _ = file.unlock();
+        let (id, _seq, snapshot, _tail, header_problem) = header?;
         Ok(LogFile { path: path.into(), file, id, snapshot, header_problem })
     }
 
@@ -752,6 +757,8 @@ pub struct LogWriter {
     /// Why the current generation started, when this writer has read or written
     /// its generation record.
     pub generation_reason: Option<String>,
+    /// Everything before this offset is known to be durable.
+    durable_end: u64,
     slot_seq: u64,
     pending: Option<Pending>,
     buf: Vec<u8>,
@@ -779,6 +786,8 @@ impl Drop for LogLock {
 pub struct OpenReport {
     /// A torn append that was cut off: (offset, bytes dropped).
     pub torn_tail: Option<(u64, u64)>,
+    /// What was wrong with an unsynced tail that was cut off.
+    pub garbage_tail: Option<String>,
     pub header_problem: Option<String>,
 }
 
@@ -791,7 +800,7 @@ impl LogWriter {
         let id = LogIdentity::new(db_id);
         let state = id.initial_state();
         let lock_file = std::sync::Arc::new(file.try_clone()?);
-        let mut w = LogWriter { path: path.into(), file, lock_file, id, state, last_batch_start: state, generation_reason: None, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let mut w = LogWriter { path: path.into(), file, lock_file, id, state, last_batch_start: state, generation_reason: None, durable_end: RECORDS_START, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
         w.file.write_all_at(&encode_slot(&id, 1, &state, &state), 0)?;
         w.file.write_all_at(&encode_slot(&id, 0, &state, &state), SLOT_LEN)?;
         w.slot_seq = 1;
@@ -828,7 +837,7 @@ impl LogWriter {
         start.cursor = snapshot.cursor;
         start.gen_offset = snapshot.gen_offset;
         let lock_file = std::sync::Arc::new(file.try_clone()?);
-        let mut w = LogWriter { path: path.into(), file, lock_file, id, state: start, last_batch_start: start, generation_reason: None, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let mut w = LogWriter { path: path.into(), file, lock_file, id, state: start, last_batch_start: start, generation_reason: None, durable_end: snapshot.end_offset, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
         let mut report = OpenReport { header_problem, ..Default::default() };
         w.extend_from_file(repair, &mut report)?;
         if w.state.end_offset < snapshot.end_offset {
@@ -867,7 +876,7 @@ impl LogWriter {
         let mut unit_start = self.state;
         let mut last_batch_start = self.last_batch_start;
         let mut reason = None;
-        let end = scan(&self.path, &self.file, &self.id, &mut st, |_, rec, run| {
+        let scanned = scan(&self.path, &self.file, &self.id, &mut st, |_, rec, run| {
             match rec {
                 Record::Generation(g) => reason = Some(g.reason.clone()),
                 Record::Commit(_) => {
@@ -878,7 +887,18 @@ impl LogWriter {
                 _ => {}
             }
             Ok(())
-        })?;
+        });
+        let end = match scanned {
+            // Appends are synced only where SQLite destroys WAL content, so after
+            // a power loss the part past the last durable point can hold
+            // anything. Everything in it is still in the WAL: cut it, like a torn
+            // append. Damage before that point is corruption.
+            Err(LogError::Corrupt { offset, what, .. }) if repair && offset >= self.durable_end => {
+                report.garbage_tail = Some(format!("at byte {offset}: {what}"));
+                ScanEnd::Torn { at: offset }
+            }
+            other => other?,
+        };
         if reason.is_some() && st.generation > self.state.generation {
             self.generation_reason = reason;
         }
@@ -1025,6 +1045,7 @@ impl LogWriter {
     /// then the other slot still names a durable point).
     pub fn sync(&mut self) -> LogResult<()> {
         self.file.sync_data()?;
+        self.durable_end = self.state.end_offset;
         // Another process may have written a newer slot since we read the header.
         if let Ok((_, seq, _, _, _)) = read_header(&self.path, &self.file) {
             self.slot_seq = self.slot_seq.max(seq);
@@ -1090,6 +1111,54 @@ mod tests {
         assert_eq!(w2.state.last_frame_no, good.last_frame_no);
         assert!(rep.torn_tail.is_some());
         assert_eq!(std::fs::metadata(&p).unwrap().len(), good.end_offset);
+    }
+
+    #[test]
+    fn unsynced_garbage_is_cut_but_damage_before_the_durable_point_is_corruption() {
+        let p = tmp("d.log");
+        let mut w = sample(&p);
+        w.sync().unwrap();
+        let durable = w.state;
+        w.begin_batch();
+        w.add_frame(1, 2, &[5u8; 512]).unwrap();
+        w.commit(2, None).unwrap();
+        // A power loss leaves the unsynced batch as zeros.
+        let len = std::fs::metadata(&p).unwrap().len();
+        let zeros = vec![0u8; (len - durable.end_offset) as usize];
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().write_all_at(&zeros, durable.end_offset).unwrap();
+        let (w2, rep) = LogWriter::open(&p, true).unwrap();
+        assert!(rep.garbage_tail.is_some());
+        assert_eq!(w2.state.last_frame_no, durable.last_frame_no);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), durable.end_offset);
+        // Damage to the last durable batch (the sample ends with a commit record
+        // and a WAL event) is an error.
+        let mut b = std::fs::read(&p).unwrap();
+        b[(durable.end_offset - WAL_EVENT_LEN as u64 - 30) as usize] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        assert!(matches!(LogWriter::open(&p, true), Err(LogError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_unfinished_batch_of_another_process_is_cut_before_appending() {
+        let p = tmp("e.log");
+        let mut a = sample(&p);
+        let (mut b, _) = LogWriter::open(&p, true).unwrap();
+        // Process A dies mid-batch after a flush.
+        a.begin_batch();
+        for i in 0..3000 {
+            a.add_frame(1 + i % 2, 0, &[7u8; 512]).unwrap();
+        }
+        drop(a);
+        let _l = b.lock().unwrap();
+        b.refresh().unwrap();
+        b.begin_batch();
+        b.add_frame(1, 2, &[8u8; 512]).unwrap();
+        b.commit(2, None).unwrap();
+        drop(_l);
+        let (c, _) = LogWriter::open(&p, false).unwrap();
+        assert_eq!(c.state.last_frame_no, 4);
+        let lf = LogFile::open(&p).unwrap();
+        assert!(matches!(lf.scan_all(|_, _, _| Ok(())).unwrap().1, ScanEnd::Clean));
     }
 
     #[test]

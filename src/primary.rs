@@ -283,6 +283,12 @@ impl DbState {
                     self.log_path.display()
                 ));
             }
+            if let Some(g) = report_.garbage_tail {
+                report(&format!(
+                    "{}: cut off an unsynced tail that did not verify ({g}), as left by a power loss; the WAL supplies what it held",
+                    self.log_path.display()
+                ));
+            }
             if let Some(p) = report_.header_problem {
                 report(&format!("{}: {p}; using the other header slot", self.log_path.display()));
             }

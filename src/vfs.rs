@@ -255,6 +255,22 @@ unsafe extern "C" fn x_open(
         if (*inner).pMethods.is_null() {
             return rc;
         }
+        // From here on the wrapped file is open: a panic must close it again and
+        // leave pMethods NULL, so that SQLite does not use a half-made file.
+        match catch_unwind(AssertUnwindSafe(|| finish_open(w, inner, name, flags))) {
+            Ok(rc) => rc,
+            Err(_) => {
+                ((*(*inner).pMethods).xClose.unwrap())(inner);
+                (*w).base.pMethods = ptr::null();
+                primary::report("internal error while opening a file; the open failed");
+                ffi::SQLITE_CANTOPEN
+            }
+        }
+    })
+}
+
+unsafe fn finish_open(w: *mut WcFile, inner: *mut ffi::sqlite3_file, name: *const c_char, flags: c_int) -> c_int {
+    {
         let path = cstr_opt(name);
         let kind = if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 {
             if path.is_none() || flags & ffi::SQLITE_OPEN_DELETEONCLOSE != 0 || flags & ffi::SQLITE_OPEN_MEMORY != 0 {
@@ -296,7 +312,7 @@ unsafe extern "C" fn x_open(
             (*w).state = Arc::into_raw(s);
         }
         ffi::SQLITE_OK
-    })
+    }
 }
 
 unsafe extern "C" fn x_delete(_vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {

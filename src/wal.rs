@@ -180,6 +180,12 @@ impl WalFile {
         if pos.salt1 != self.header.salt1 || pos.salt2 != self.header.salt2 {
             return Ok(false);
         }
+        // The header read at open must still be the one on disk: a restart by a
+        // process without walcast rewrites it.
+        let mut hdr = [0u8; WAL_HEADER_LEN];
+        if self.file.read_exact_at(&mut hdr, 0).is_err() || WalHeader::parse(&hdr) != Some(self.header) {
+            return Ok(false);
+        }
         if pos.frame == 0 {
             return Ok(pos.cksum == self.header.cksum);
         }
