@@ -294,6 +294,19 @@ impl DbState {
             }
             log
         } else {
+            let db_id = if conf.is_some() {
+                db_id
+            } else {
+                // Resuming a primary whose log is gone: its history is lost, so
+                // the new log gets a new identity (frame_no restarts at 1, and
+                // nothing may mistake it for the old history).
+                let fresh = conf::random_id().map_err(|e| format!("cannot make a database id: {e}"))?;
+                Conf { role: Role::Primary, db_id: Some(fresh) }
+                    .save(&self.conf_path)
+                    .map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+                report(&format!("{}: the replication log is missing; starting a new log with a new db_id", self.db_path));
+                fresh
+            };
             LogWriter::create(&self.log_path, db_id).map_err(|e| format!("cannot create {}: {e}", self.log_path.display()))?
         };
         if self.claims.get().is_none() {

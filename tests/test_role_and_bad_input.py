@@ -200,3 +200,18 @@ def test_restore_refuses_existing_files_and_uncovered_frames(tmp_path):
     assert p.returncode != 0 and "base image" in p.stderr, p.stderr
     p = wc.shell(f"SELECT walcast_verify('{tmp}/nope.db');", db=db, check=False)
     assert p.returncode != 0 and "nope.db" in p.stderr, p.stderr
+
+
+def test_a_primary_whose_log_was_removed_starts_a_new_identity(tmp_path):
+    tmp = str(tmp_path)
+    db = os.path.join(tmp, "app.db")
+    wc.shell("CREATE TABLE t(x); PRAGMA walcast_role='primary'; INSERT INTO t VALUES (1);", db=db)
+    old = wc.status(db)
+    os.remove(db + "-walcast")
+    p = wc.shell("INSERT INTO t VALUES (2); PRAGMA walcast_status;", db=db)
+    new = json.loads(p.stdout)
+    assert new["db_id"] != old["db_id"] and new["generation"] == 1, (old, new)
+    assert "missing" in p.stderr
+    wc.checkpoint_truncate(db)
+    wc.restore(db, os.path.join(tmp, "r.db"))
+    wc.assert_same_file(db, os.path.join(tmp, "r.db"))
