@@ -155,10 +155,8 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
             let now = DbStat::of(paths.db)?;
             if now != stat {
                 Some("the database file changed while its WAL was closed (a write without walcast)".to_string())
-            } else if let Some(w) = w {
-                Some(format!("a WAL (salts {:08x}/{:08x}) was started without walcast", w.header.salt1, w.header.salt2))
             } else {
-                None
+                w.as_ref().map(|w| format!("a WAL (salts {:08x}/{:08x}) was started without walcast", w.header.salt1, w.header.salt2))
             }
         }
     };

@@ -539,9 +539,8 @@ where
 
     loop {
         let mut tag = [0u8; 1];
-        match read_full(&mut r, &mut tag)? {
-            0 => break,
-            _ => {}
+        if read_full(&mut r, &mut tag)? == 0 {
+            break;
         }
         let rec_off = off;
         match tag[0] {

@@ -691,7 +691,7 @@ impl DbState {
             p => p,
         };
         let per = 24 + page_size as u64;
-        if off < 32 || (off - 32) % per != 0 {
+        if off < 32 || !(off - 32).is_multiple_of(per) {
             return Ok(());
         }
         let frame = ((off - 32) / per + 1) as u32;

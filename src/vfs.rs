@@ -646,7 +646,7 @@ impl PrivateDb {
         let c = CString::new(db_path).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
         unsafe {
             let ivfs = inner_vfs();
-            let words = ((*ivfs).szOsFile as usize + 7) / 8;
+            let words = ((*ivfs).szOsFile as usize).div_ceil(8);
             let mut mem = vec![0u64; words.max(1)];
             // The unix VFS keeps the name pointer and reads URI parameters through
             // it, so it must be a real SQLite filename that outlives the handle.
@@ -849,6 +849,9 @@ impl Drop for Connection {
 // Connections and SQL functions
 
 /// The walcast database behind a connection's main schema, or why there is none.
+/// `db` is a connection handle SQLite passed to walcast (entry point or SQL
+/// function context), valid for the duration of the call.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn state_of_connection(db: *mut ffi::sqlite3) -> Result<Arc<DbState>, String> {
     unsafe {
         let name = cstr_opt(call!(db_filename(db, c"main".as_ptr()))).unwrap_or("");
@@ -898,7 +901,8 @@ enum GuardReason {
 /// on a database that is not on the walcast VFS (an in-memory database, a
 /// temporary schema, or a database opened before walcast was loaded), so
 /// `PRAGMA walcast_role` would be accepted silently there; the guard denies it
-/// and says why on stderr.
+/// and says why on stderr. `db` is the connection SQLite is initializing.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn install_pragma_guard(db: *mut ffi::sqlite3) {
     let reason = match state_of_connection(db) {
         Ok(_) => GuardReason::OnWalcast,

@@ -56,7 +56,7 @@ impl WalHeader {
 /// SQLite's WAL checksum (`walChecksumBytes`): Fibonacci-weighted sums over
 /// 32-bit words, read big-endian or little-endian as the WAL magic says.
 pub fn wal_checksum(big_endian: bool, data: &[u8], seed: (u32, u32)) -> (u32, u32) {
-    debug_assert!(data.len() % 8 == 0);
+    debug_assert!(data.len().is_multiple_of(8));
     let (mut s1, mut s2) = seed;
     for pair in data.chunks_exact(8) {
         let (a, b) = if big_endian {
