@@ -584,9 +584,10 @@ mod tests {
         assert_eq!(r.transactions, 0);
     }
 
-    #[test]
-    fn foreign_wal_restart_starts_a_generation() {
-        let d = dir("b");
+    /// A two-page database with one committed WAL transaction, and a log that
+    /// has captured it.
+    fn two_page_primary(name: &str) -> (PathBuf, PathBuf, PathBuf, WalBuilder, LogWriter, File) {
+        let d = dir(name);
         let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
         make_db(&db, 2);
         let mut b = WalBuilder::new(512, 5, 6);
@@ -594,8 +595,14 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
+        catch_up(&mut log, &Paths { db: &db, wal: &wal, committed: None }, Imaging::WritersExcluded(&f), None).unwrap();
+        (db, wal, logp, b, log, f)
+    }
+
+    #[test]
+    fn foreign_wal_restart_starts_a_generation() {
+        let (db, wal, logp, _, mut log, f) = two_page_primary("b");
         let paths = Paths { db: &db, wal: &wal, committed: None };
-        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         let mut b2 = WalBuilder::new(512, 6, 99);
         b2.frame(2, 2, 0xD1);
         std::fs::write(&wal, &b2.bytes).unwrap();
@@ -608,16 +615,8 @@ mod tests {
 
     #[test]
     fn restart_and_end_hooks_keep_continuity() {
-        let d = dir("c");
-        let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
-        make_db(&db, 2);
-        let mut b = WalBuilder::new(512, 5, 6);
-        b.frame(1, 2, 0xA1);
-        std::fs::write(&wal, &b.bytes).unwrap();
-        let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
-        let f = File::open(&db).unwrap();
+        let (db, wal, logp, mut b, mut log, f) = two_page_primary("c");
         let paths = Paths { db: &db, wal: &wal, committed: None };
-        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         b.frame(2, 2, 0xA2);
         std::fs::write(&wal, &b.bytes).unwrap();
         // SQLite restarts the WAL: the hook sees the old WAL still intact.
