@@ -68,14 +68,27 @@ fn walk(lf: &LogFile) -> Result<Walk, LogError> {
     let mut prev = lf.id.initial_state();
     let mut snapshot_seen = lf.snapshot.end_offset == crate::log::RECORDS_START;
     let snap = lf.snapshot;
+    // Pages of the batch being read: each page appears once per transaction.
+    let mut batch_pages = std::collections::HashSet::new();
     let (end, how) = lf.scan_all(|off, rec, st| {
         match rec {
+            Record::Frame(h, _) => {
+                if !batch_pages.insert(h.page_no) {
+                    return Err(LogError::Corrupt {
+                        path: lf.path.clone(),
+                        frame_no: h.frame_no,
+                        offset: off,
+                        what: format!("page {} appears twice in one transaction", h.page_no),
+                    });
+                }
+            }
             Record::Generation(g) => {
                 let mut before = prev;
                 before.end_offset = off;
                 gens.push(GenStart { generation: g.generation, before, image_end: None });
             }
             Record::Commit(c) => {
+                batch_pages.clear();
                 boundaries.push(Boundary { last_frame_no: c.last_frame_no, generation: st.generation });
                 if let Some(g) = gens.last_mut() {
                     if g.image_end.is_none() {
