@@ -539,7 +539,13 @@ impl DbState {
     /// WAL header: SQLite is restarting the WAL and will overwrite frames, so the
     /// log captures them and is made durable first. A commit frame's header is
     /// claimed before it is written.
-    pub fn wal_write(&self, off: u64, data: &[u8], wal_index: Option<WalIndexHeader>, write: impl FnOnce() -> i32) -> i32 {
+    pub fn wal_write(
+        &self,
+        off: u64,
+        data: &[u8],
+        wal_index: impl FnOnce() -> Option<WalIndexHeader>,
+        write: impl FnOnce() -> i32,
+    ) -> i32 {
         if self.refusing_writes.load(Ordering::Acquire) {
             let e = self.refuse();
             report(&e.message);
@@ -559,7 +565,7 @@ impl DbState {
         }
         if data.len() == 24 && data[4..8] != [0, 0, 0, 0] {
             // The header of a commit frame (its database size is non-zero).
-            if let Err(e) = self.claim_commit_frame(off, data, wal_index) {
+            if let Err(e) = self.claim_commit_frame(off, data, wal_index()) {
                 report(&e.message);
                 return e.code;
             }

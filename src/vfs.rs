@@ -426,8 +426,7 @@ unsafe extern "C" fn f_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt:
         let data = std::slice::from_raw_parts(buf as *const u8, amt.max(0) as usize);
         match w.kind {
             FileKind::Wal => {
-                let wal_index = if amt == 24 { wal_index_header(state.wal_index_addr()) } else { None };
-                state.wal_write(off as u64, data, wal_index, write)
+                state.wal_write(off as u64, data, || wal_index_header(state.wal_index_addr()), write)
             }
             FileKind::MainDb => match state.before_db_write(off as u64, data) {
                 Ok(()) => write(),
