@@ -80,6 +80,8 @@ pub struct DbState {
     claim_cache: Mutex<Option<WalMark>>,
     /// Where this process has mapped the first wal-index region (0 = not mapped).
     wal_index: AtomicUsize,
+    /// When this process last read the conf file for a role another process set.
+    conf_checked_ms: AtomicU64,
     /// The wal-index header when this process last took the WAL write lock.
     write_start: Mutex<Option<WalIndexHeader>>,
     /// The page size of the WAL walcast follows (0 = not known yet).
@@ -129,6 +131,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 claim_cache: Mutex::new(None),
                 wal_index: AtomicUsize::new(0),
                 wal_page_size: Default::default(),
+                conf_checked_ms: AtomicU64::new(0),
                 write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
             })
@@ -495,7 +498,10 @@ impl DbState {
             ("walcast_role", Some(_)) if readonly => {
                 PragmaOutcome::Fail(format!("cannot set walcast_role on a read-only connection to {}", self.db_path))
             }
-            ("walcast_role", None) => PragmaOutcome::Done(Some(self.lock().role.as_str().to_string())),
+            ("walcast_role", None) => {
+                self.follow_role_of_other_processes();
+                PragmaOutcome::Done(Some(self.lock().role.as_str().to_string()))
+            }
             ("walcast_role", Some(v)) => match conf::parse_role(v).and_then(|r| self.set_role(r)) {
                 Ok(r) => PragmaOutcome::Done(Some(r.as_str().to_string())),
                 Err(e) => PragmaOutcome::Fail(e),
@@ -651,9 +657,38 @@ impl DbState {
         rc
     }
 
+    /// Another process may have set or cleared the role since this one opened the
+    /// database: follow the conf file, read at most four times a second, so
+    /// that this process's writes are captured (and claimed) once it says so.
+    fn follow_role_of_other_processes(&self) {
+        let now = crate::log::now_ms();
+        let last = self.conf_checked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 250 || self.conf_checked_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return;
+        }
+        let Ok(c) = Conf::load(&self.conf_path) else { return };
+        let mut g = self.lock();
+        if g.fatal.is_some() || c.role == g.role {
+            return;
+        }
+        match c.role {
+            Role::Primary => {
+                if let Err(e) = self.activate(&mut g, None) {
+                    self.set_fatal(&mut g, e);
+                }
+            }
+            Role::Off => {
+                self.capturing.store(false, Ordering::Release);
+                g.role = Role::Off;
+                g.log = None;
+            }
+        }
+    }
+
     /// The WAL write lock was just taken: remember what the wal-index said was
     /// committed then (see `around_wal_change`).
     pub fn write_lock_acquired(&self, hdr: Option<WalIndexHeader>) {
+        self.follow_role_of_other_processes();
         if self.is_capturing() {
             *self.write_start.lock().unwrap_or_else(|e| e.into_inner()) = hdr;
         }

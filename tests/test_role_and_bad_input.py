@@ -215,3 +215,39 @@ def test_a_primary_whose_log_was_removed_starts_a_new_identity(tmp_path):
     wc.checkpoint_truncate(db)
     wc.restore(db, os.path.join(tmp, "r.db"))
     wc.assert_same_file(db, os.path.join(tmp, "r.db"))
+
+
+def test_a_process_already_open_follows_a_role_set_by_another(tmp_path):
+    """An application that opened the database before the role was set starts
+    capturing its own writes, instead of looking like a writer without walcast."""
+    tmp = str(tmp_path)
+    db = os.path.join(tmp, "app.db")
+    wc.shell("CREATE TABLE t(x);", db=db)
+    app = subprocess.Popen([wc.PYTHON, "-c", f"""
+import sys, time, wc
+c = wc.connect({db!r})
+c.execute("PRAGMA journal_mode=WAL")
+c.execute("INSERT INTO t VALUES (1)")
+print("open", flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + 10
+while c.execute("PRAGMA walcast_role").fetchone()[0] != "primary":
+    assert time.monotonic() < deadline, "the role set by another process was not followed"
+    time.sleep(0.01)
+for i in range(20):
+    c.execute("INSERT INTO t VALUES (?)", (i,))
+print(c.execute("PRAGMA walcast_status").fetchone()[0], flush=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": wc.HERE})
+    try:
+        assert app.stdout.readline().strip() == "open"
+        wc.shell("PRAGMA walcast_role='primary';", db=db)
+        app.stdin.write("\n")
+        app.stdin.flush()
+        st = json.loads(app.stdout.readline())
+        app.wait(timeout=60)
+    finally:
+        app.kill()
+    assert st["role"] == "primary" and st["generation"] == 1, st
+    wc.checkpoint_truncate(db)
+    wc.restore(db, os.path.join(tmp, "r.db"))
+    wc.assert_same_file(db, os.path.join(tmp, "r.db"))
