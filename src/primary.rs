@@ -73,7 +73,6 @@ pub struct DbState {
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
     thread_started: AtomicBool,
-    catch_ups: AtomicU64,
     claims: OnceLock<ClaimFile>,
     /// The last claim this process wrote: when the WAL's last commit is still
     /// that one, nobody else committed since and the claim file need not be read.
@@ -126,7 +125,6 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wake_tx,
                 wake_rx,
                 thread_started: AtomicBool::new(false),
-                catch_ups: AtomicU64::new(0),
                 claims: OnceLock::new(),
                 claim_cache: Mutex::new(None),
                 wal_index: AtomicUsize::new(0),
@@ -390,7 +388,6 @@ impl DbState {
                 capture::catch_up(log, &paths, imaging, self.claims.get())
             })
         })();
-        self.catch_ups.fetch_add(1, Ordering::Relaxed);
         self.record(g, r)
     }
 
