@@ -2,9 +2,10 @@
 //! thread, and what the VFS hooks decide.
 //!
 //! Hot paths (every WAL write, every lock release) check an atomic flag and do
-//! nothing else unless the database is a primary. The commit path only wakes the
-//! capture thread (a non-blocking channel send); it never writes the log, syncs,
-//! or waits. Log writes happen on the capture thread, and synchronously only where
+//! nothing else unless the database is a primary. On a primary, a commit claims
+//! its commit frame (one 12-byte pwrite, see `claim.rs`) and wakes the capture
+//! thread (a non-blocking channel send); it never writes the log, syncs, or
+//! waits. Log writes happen on the capture thread, and synchronously only where
 //! SQLite is about to destroy WAL content (restart, truncate, delete), which is
 //! also where the log is made durable.
 
@@ -421,7 +422,11 @@ impl DbState {
     /// report includes every transaction committed before the call). Waits,
     /// bounded, for writers when a base image is needed.
     pub fn catch_up_now(&self) -> Result<(), String> {
-        let deadline = Instant::now() + IMAGE_WAIT;
+        self.catch_up_within(IMAGE_WAIT)
+    }
+
+    fn catch_up_within(&self, wait: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + wait;
         loop {
             let mut g = self.lock();
             if let Some(f) = &g.fatal {
@@ -451,9 +456,9 @@ impl DbState {
     }
 
     pub fn status_json(&self) -> String {
-        if self.is_capturing() {
-            let _ = self.catch_up_now();
-        }
+        // Up to date, unless a base image is waiting for writers: the status then
+        // shows where the log stands, without waiting.
+        let pending = if self.is_capturing() { self.catch_up_within(Duration::ZERO).err() } else { None };
         let g = self.lock();
         let conf = Conf::load(&self.conf_path).ok();
         let mut v = serde_json::json!({
@@ -461,7 +466,7 @@ impl DbState {
             "database": self.db_path,
             "log": self.log_path.to_string_lossy(),
             "state": if g.fatal.is_some() { "error" } else if g.role == Role::Primary { "capturing" } else { "off" },
-            "last_error": g.fatal.clone().or_else(|| g.last_error.clone()),
+            "last_error": g.fatal.clone().or_else(|| g.last_error.clone()).or(pending),
         });
         if let Some(id) = conf.and_then(|c| c.db_id) {
             v["db_id"] = hex(&id).into();
