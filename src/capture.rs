@@ -192,7 +192,8 @@ fn append_commits(
     out: &mut CatchUp,
 ) -> Result<Option<String>, CaptureError> {
     let mut page = vec![0u8; w.page_size()];
-    while let Some(c) = w.next_commit(&pos, &mut page)? {
+    let mut scratch = Vec::new();
+    while let Some(c) = w.next_commit(&pos, &mut scratch)? {
         if limit.is_some_and(|l| c.commit > l) {
             break;
         }
@@ -253,9 +254,62 @@ fn last_versions(w: &WalFile, first: u32, last: u32, db_pages: u32) -> io::Resul
     Ok((keep, kept))
 }
 
+/// Transactions up to this size are read from the WAL in one read and copied
+/// from memory; larger ones stream frame by frame.
+const SMALL_TRANSACTION: usize = 4 << 20;
+
+/// Appends a small committed transaction, read whole into memory.
+fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> Result<u64, CaptureError> {
+    let fsz = w.frame_size();
+    let mut region = vec![0u8; (c.commit - c.first + 1) as usize * fsz];
+    w.read_frames(c.first, &mut region)?;
+    let frames: Vec<&[u8]> = region.chunks_exact(fsz).collect();
+    // The last version of each page: walk backwards, keep the first sighting.
+    let mut seen = std::collections::HashSet::with_capacity(frames.len());
+    let mut keep = vec![false; frames.len()];
+    for (i, f) in frames.iter().enumerate().rev() {
+        let h = crate::wal::WalFrameHeader::parse(f);
+        if (h.salt1, h.salt2) != (w.header.salt1, w.header.salt2) {
+            return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
+        }
+        keep[i] = h.page_no <= c.db_pages && seen.insert(h.page_no);
+    }
+    let kept = keep.iter().filter(|k| **k).count() as u64;
+    log.begin_batch();
+    let r = (|| -> Result<(), CaptureError> {
+        let mut written = 0;
+        for (f, _) in frames.iter().zip(&keep).filter(|(_, k)| **k) {
+            let h = crate::wal::WalFrameHeader::parse(f);
+            written += 1;
+            let size_after = if written == kept { c.db_pages } else { 0 };
+            log.add_frame(h.page_no, size_after, &f[crate::wal::WAL_FRAME_HEADER_LEN..])?;
+        }
+        if !w.contains(&c.end)? {
+            return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
+        }
+        log.commit(c.db_pages, Some(c.end))?;
+        Ok(())
+    })();
+    if r.is_err() {
+        log.abort();
+    }
+    r.map(|_| kept)
+}
+
 /// Appends one committed WAL transaction as a batch: each page once, with its
 /// final content; the last frame carries the database size.
 fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<u64, CaptureError> {
+    if (c.commit - c.first + 1) as usize * w.frame_size() <= SMALL_TRANSACTION {
+        append_small_transaction(log, w, c)
+    } else {
+        append_streamed_transaction(log, w, c, page)
+    }
+}
+
+/// Appends a transaction of any size in bounded memory: validated already, its
+/// frames are read twice more, headers backwards to find each page's last
+/// version, then the kept frames forwards.
+fn append_streamed_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<u64, CaptureError> {
     let (keep, kept) = last_versions(w, c.first, c.commit, c.db_pages)?;
     log.begin_batch();
     let r = (|| -> Result<(), CaptureError> {
@@ -362,7 +416,7 @@ fn take_image(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dy
     let mut page = vec![0u8; page_size as usize];
     let (wal_end, wal_pages) = match wal {
         Some(w) => {
-            let (pos, pages) = w.last_commit(&mut page, paths.limit(w))?;
+            let (pos, pages) = w.last_commit(&mut Vec::new(), paths.limit(w))?;
             (Some(pos), pages)
         }
         None => (None, None),
@@ -597,6 +651,45 @@ mod tests {
         let f = File::open(&db).unwrap();
         catch_up(&mut log, &Paths { db: &db, wal: &wal, committed: None }, Imaging::WritersExcluded(&f), None).unwrap();
         (db, wal, logp, b, log, f)
+    }
+
+    #[test]
+    fn small_and_streamed_copies_write_the_same_batch() {
+        let d = dir("s");
+        let wal = d.join("x.db-wal");
+        let mut b = WalBuilder::new(512, 5, 6);
+        b.frame(3, 0, 1).frame(1, 0, 2).frame(3, 0, 3).frame(9, 0, 4).frame(2, 8, 5);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let w = WalFile::open(&wal).unwrap().unwrap();
+        let c = w.next_commit(&w.start(), &mut Vec::new()).unwrap().unwrap();
+        let mut logs = Vec::new();
+        for (i, small) in [true, false].into_iter().enumerate() {
+            let p = d.join(format!("l{i}"));
+            let mut log = LogWriter::create(&p, [3; 16]).unwrap();
+            log.begin_generation(512, "t").unwrap();
+            log.commit(0, None).unwrap();
+            let n = if small {
+                append_small_transaction(&mut log, &w, &c).unwrap()
+            } else {
+                append_streamed_transaction(&mut log, &w, &c, &mut vec![0u8; 512]).unwrap()
+            };
+            assert_eq!(n, 3, "page 9 is past the end; page 3 once, in its last version");
+            let mut frames = Vec::new();
+            LogFile::open(&p)
+                .unwrap()
+                .scan_all(|_, r, _| {
+                    if let Record::Frame(h, pg) = r {
+                        frames.push((*h, pg.to_vec()));
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            logs.push(frames);
+        }
+        assert_eq!(logs[0], logs[1]);
+        let pages = replay(&d.join("l0"));
+        assert_eq!((pages[&1][0], pages[&2][0], pages[&3][0]), (2, 5, 3));
+        assert!(!pages.contains_key(&9));
     }
 
     #[test]

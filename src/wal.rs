@@ -169,6 +169,16 @@ impl WalFile {
         self.file.read_exact_at(page, off + WAL_FRAME_HEADER_LEN as u64)
     }
 
+    /// The size of one frame: header and page.
+    pub fn frame_size(&self) -> usize {
+        WAL_FRAME_HEADER_LEN + self.page_size()
+    }
+
+    /// Reads whole frames from `first` on into `buf` (a multiple of the frame size).
+    pub fn read_frames(&self, first: u32, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.frame_offset(first))
+    }
+
     /// Reads only the page of a frame.
     pub fn read_page(&self, frame: u32, page: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(page, self.frame_offset(frame) + WAL_FRAME_HEADER_LEN as u64)
@@ -198,20 +208,21 @@ impl WalFile {
 
     /// The next committed transaction after `from`, validating every frame's salts
     /// and checksum on the way; None when no valid commit frame follows (yet).
-    /// `page` is scratch space of one page.
-    pub fn next_commit(&self, from: &WalPos, page: &mut [u8]) -> io::Result<Option<WalCommit>> {
+    /// `scratch` is reused buffer space.
+    pub fn next_commit(&self, from: &WalPos, scratch: &mut Vec<u8>) -> io::Result<Option<WalCommit>> {
         let mut ck = from.cksum;
         let n = self.frames_in_file();
-        let mut head = [0u8; WAL_FRAME_HEADER_LEN];
+        scratch.resize(self.frame_size(), 0);
         let mut frame = from.frame;
         while frame < n {
             frame += 1;
             // A frame being written concurrently, or left over from a rolled-back
             // transaction, fails one of these checks: that is the end of the log.
-            if self.read_frame(frame, &mut head, page).is_err() {
+            if self.file.read_exact_at(scratch, self.frame_offset(frame)).is_err() {
                 return Ok(None);
             }
-            let h = WalFrameHeader::parse(&head);
+            let (head, page) = scratch.split_at(WAL_FRAME_HEADER_LEN);
+            let h = WalFrameHeader::parse(head);
             if h.salt1 != self.header.salt1 || h.salt2 != self.header.salt2 || h.page_no == 0 {
                 return Ok(None);
             }
@@ -234,7 +245,7 @@ impl WalFile {
 
     /// The position after the last valid commit in the WAL, at or before frame
     /// `limit` when one is given.
-    pub fn last_commit(&self, page: &mut [u8], limit: Option<u32>) -> io::Result<(WalPos, Option<u32>)> {
+    pub fn last_commit(&self, page: &mut Vec<u8>, limit: Option<u32>) -> io::Result<(WalPos, Option<u32>)> {
         let mut pos = self.start();
         let mut db_pages = None;
         while let Some(c) = self.next_commit(&pos, page)? {
@@ -311,7 +322,7 @@ mod tests {
         let mut b = WalBuilder::new(512, 11, 22);
         b.frame(1, 0, 1).frame(2, 3, 2).frame(3, 0, 3).frame(1, 4, 4).frame(2, 0, 5);
         let (_p, w) = write(&b.bytes);
-        let mut page = vec![0u8; 512];
+        let mut page = Vec::new();
         let c1 = w.next_commit(&w.start(), &mut page).unwrap().unwrap();
         assert_eq!((c1.first, c1.commit, c1.db_pages), (1, 2, 3));
         let c2 = w.next_commit(&c1.end, &mut page).unwrap().unwrap();
@@ -329,7 +340,7 @@ mod tests {
         let at = 32 + 24 + 512 + 24 + 100; // inside the second frame's page
         b.bytes[at] ^= 0xff;
         let (_p, w) = write(&b.bytes);
-        let (last, _) = w.last_commit(&mut vec![0u8; 512], None).unwrap();
+        let (last, _) = w.last_commit(&mut Vec::new(), None).unwrap();
         assert_eq!(last.frame, 1);
     }
 }
