@@ -499,6 +499,16 @@ pub enum WalChange<'a> {
 /// and the WAL file on disk together say where the log stands. Runs on SQLite's
 /// thread, which excludes other writers.
 pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, claims: Claims, change: WalChange) -> Result<CatchUp, CaptureError> {
+    let checked;
+    let paths = match (&change, paths.committed) {
+        (WalChange::End, None) => {
+            // Closing: the wal-index is gone, but the checkpoint just copied
+            // every committed frame into the database file.
+            checked = Paths { db: paths.db, wal: paths.wal, committed: last_checkpointed_commit(log, paths, db)? };
+            &checked
+        }
+        _ => paths,
+    };
     let r = catch_up(log, paths, Imaging::WritersExcluded(db), claims)?;
     if let WalCursor::InWal(from) = log.state.cursor {
         match change {
@@ -513,6 +523,58 @@ pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, 
     }
     log.sync()?;
     Ok(r)
+}
+
+/// The last commit of the WAL whose pages the database file holds, after a
+/// complete checkpoint: the last one SQLite committed. A commit frame past it was
+/// written by a writer that died before updating the wal-index (SQLite never
+/// counted it); its pages are not in the database file. None: no WAL, or the
+/// log does not follow it (a new generation will be taken from the file).
+fn last_checkpointed_commit(log: &LogWriter, paths: &Paths, db: &dyn DbReader) -> Result<Option<WalMark>, CaptureError> {
+    let (Some(w), WalCursor::InWal(from)) = (WalFile::open(paths.wal)?, log.state.cursor) else { return Ok(None) };
+    if !w.contains(&from)? {
+        return Ok(None);
+    }
+    let mut commits = Vec::new();
+    let mut pos = from;
+    let mut scratch = Vec::new();
+    while let Some(c) = w.next_commit(&pos, &mut scratch)? {
+        pos = c.end;
+        commits.push(c);
+    }
+    let mut wal_page = vec![0u8; w.page_size()];
+    let mut db_page = vec![0u8; w.page_size()];
+    for c in commits.iter().rev() {
+        let mut same = true;
+        for f in c.first..=c.commit {
+            let h = w.read_frame_header(f)?;
+            if h.page_no > c.db_pages {
+                continue;
+            }
+            w.read_page(f, &mut wal_page)?;
+            db.read_at(&mut db_page, (h.page_no as u64 - 1) * w.page_size() as u64)?;
+            // An earlier frame of the same page may hold an older version: only
+            // a page's last version in the transaction must match.
+            if wal_page != db_page && last_version_in(&w, c, f, h.page_no)? {
+                same = false;
+                break;
+            }
+        }
+        if same {
+            return Ok(Some(WalMark { salt1: w.header.salt1, salt2: w.header.salt2, frame: c.commit }));
+        }
+    }
+    Ok(Some(WalMark { salt1: w.header.salt1, salt2: w.header.salt2, frame: from.frame }))
+}
+
+/// True when frame `f` holds the last version of `page_no` within transaction `c`.
+fn last_version_in(w: &WalFile, c: &WalCommit, f: u32, page_no: u32) -> io::Result<bool> {
+    for later in f + 1..=c.commit {
+        if w.read_frame_header(later)?.page_no == page_no {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// After SQLite wrote a new WAL header (`header`, 32 bytes): the log now follows
@@ -690,6 +752,25 @@ mod tests {
         let pages = replay(&d.join("l0"));
         assert_eq!((pages[&1][0], pages[&2][0], pages[&3][0]), (2, 5, 3));
         assert!(!pages.contains_key(&9));
+    }
+
+    #[test]
+    fn a_commit_sqlite_never_counted_is_not_captured_when_the_wal_ends() {
+        // T is committed and checkpointed into the file. P's commit frame reached
+        // the WAL, but its writer died before the wal-index knew of it, so the
+        // checkpoint left it out.
+        let (db, wal, logp, mut b, mut log, f) = two_page_primary("p");
+        b.frame(2, 2, 0x77); // T
+        b.frame(1, 2, 0x99); // P
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut file = vec![0xA1u8; 512]; // page 1 as of T (frame 1)
+        file.extend_from_slice(&[0x77u8; 512]); // page 2 from T
+        std::fs::write(&db, &file).unwrap();
+        let paths = Paths { db: &db, wal: &wal, committed: None };
+        before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
+        let pages = replay(&logp);
+        assert_eq!(pages[&2][0], 0x77, "T is captured");
+        assert_eq!(pages[&1][0], 0xA1, "P is not");
     }
 
     #[test]
