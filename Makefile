@@ -5,7 +5,7 @@ EXT      := target/release/libwalcast.so
 PYTHON   := /usr/bin/python3
 CARGO    ?= cargo
 
-.PHONY: all build deps test-deps demo test test-unit test-integration test-big clean
+.PHONY: all build deps test-deps demo test test-unit test-integration test-big test-crash-long clean
 
 all: build
 
@@ -35,6 +35,11 @@ test-integration: build
 # restored file and the capture thread's peak memory.
 test-big: test-deps build
 	WALCAST_BIG_MB=1100 $(PYTHON) -m pytest -q tests/test_big_transaction.py
+
+# A longer kill -9 run than `make test` does (200 crashes of a lone writer, 100
+# of one of two concurrent writers).
+test-crash-long: test-deps build
+	WALCAST_CRASH_ITERATIONS=200 $(PYTHON) -m pytest -q tests/test_crash.py
 
 clean:
 	$(CARGO) clean

@@ -74,6 +74,8 @@ pub struct DbState {
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
     thread_started: AtomicBool,
+    /// Main-database handles this process has open on this database.
+    open_handles: AtomicUsize,
     claims: OnceLock<ClaimFile>,
     /// The last claim this process wrote: when the WAL's last commit is still
     /// that one, nobody else committed since and the claim file need not be read.
@@ -126,6 +128,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wake_tx,
                 wake_rx,
                 thread_started: AtomicBool::new(false),
+                open_handles: AtomicUsize::new(0),
                 claims: OnceLock::new(),
                 claim_cache: Mutex::new(None),
                 wal_index: AtomicUsize::new(0),
@@ -141,6 +144,15 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
 /// Called when SQLite opens a main database file through walcast.
 pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, readonly: bool) -> Result<Arc<DbState>, String> {
     let state = get_or_create(db_path);
+    state.open_handles.fetch_add(1, Ordering::AcqRel);
+    let r = open_main_db(&state, db_path, uri_role, readonly);
+    if r.is_err() {
+        state.main_db_closed();
+    }
+    r.map(|_| state)
+}
+
+fn open_main_db(state: &Arc<DbState>, db_path: &str, uri_role: Option<&str>, readonly: bool) -> Result<(), String> {
     // The first open in this process resumes the role recorded beside the database.
     if !state.loaded.swap(true, Ordering::AcqRel) {
         match Conf::load(&state.conf_path) {
@@ -161,7 +173,7 @@ pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, readonly: bool) ->
         }
         state.set_role(role).map_err(|e| format!("{db_path}: {e}"))?;
     }
-    Ok(state)
+    Ok(())
 }
 
 /// The answer to a walcast pragma on a database walcast cannot replicate.
@@ -176,6 +188,11 @@ pub fn pragma_on_unreplicable(name: &str, what: &str) -> PragmaOutcome {
 impl DbState {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A main-database handle of this process on this database was closed.
+    pub fn main_db_closed(&self) {
+        self.open_handles.fetch_sub(1, Ordering::AcqRel);
     }
 
     pub fn is_capturing(&self) -> bool {
@@ -351,8 +368,15 @@ impl DbState {
     /// to notice writes made without walcast), it brings the log up to the WAL.
     fn capture_thread(self: Arc<Self>) {
         loop {
-            let _ = self.wake_rx.recv_timeout(Duration::from_secs(1));
-            if !self.is_capturing() {
+            // While this process has the database open, look once a second for
+            // writes made without walcast. Once it has closed it, touch nothing
+            // until it is opened again.
+            if self.open_handles.load(Ordering::Acquire) > 0 {
+                let _ = self.wake_rx.recv_timeout(Duration::from_secs(1));
+            } else {
+                let _ = self.wake_rx.recv();
+            }
+            if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
                 continue;
             }
             // A base image waits for writers; give up after a short while and
@@ -381,7 +405,9 @@ impl DbState {
             PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| {
                 // Read what is committed before reading the WAL: a commit that
                 // lands in between is taken at the next wake-up.
-                let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed: db.wal_index_mark() };
+                // (No WAL, nothing to bound: then do not create a wal-index either.)
+                let committed = if self.wal_path.exists() { db.wal_index_mark() } else { None };
+                let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
                 let mut lock = || db.try_lock_writer();
                 let mut committed = || db.wal_index_mark();
                 let mut unlock = || db.unlock_writer();

@@ -404,6 +404,9 @@ unsafe extern "C" fn f_close(f: *mut ffi::sqlite3_file) -> c_int {
         let w = &mut *(f as *mut WcFile);
         let rc = (w.inner_methods().xClose.unwrap())(w.inner);
         if !w.state.is_null() {
+            if w.kind == FileKind::MainDb {
+                (*w.state).main_db_closed();
+            }
             drop(Arc::from_raw(w.state));
             w.state = ptr::null();
         }
