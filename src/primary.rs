@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 /// writers to let a base image be taken.
 const IMAGE_WAIT: Duration = Duration::from_secs(10);
 
-/// Writes a walcast message to stderr, where a user finds it; repeated identical
-/// messages are shown once.
+/// Writes a walcast message to stderr, where a user finds it, and to SQLite's
+/// error log; repeated identical messages are shown once.
 pub fn report(msg: &str) {
     static LAST: Mutex<String> = Mutex::new(String::new());
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     if *last != msg {
         eprintln!("walcast: {msg}");
+        crate::vfs::sqlite_log(msg);
         *last = msg.to_string();
     }
 }

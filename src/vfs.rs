@@ -43,6 +43,22 @@ macro_rules! call {
     };
 }
 
+/// Sends a message to SQLite's error log (sqlite3_log), where an application that
+/// configured SQLITE_CONFIG_LOG sees it. Nothing when walcast is not loaded.
+pub fn sqlite_log(msg: &str) {
+    let p = API.load(Ordering::Acquire);
+    if p.is_null() {
+        return;
+    }
+    let Ok(c) = CString::new(msg.replace('\0', " ")) else { return };
+    // SAFETY: the routines table is valid; "%s" consumes exactly one C string.
+    unsafe {
+        if let Some(log) = (*p).log {
+            log(ffi::SQLITE_WARNING, c"walcast: %s".as_ptr(), c.as_ptr());
+        }
+    }
+}
+
 /// Runs a callback body, turning a panic into `on_panic`.
 fn guard<T, F: FnOnce() -> T>(on_panic: T, f: F) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
