@@ -79,26 +79,53 @@ pub enum Imaging<'a> {
     TakeWriteLock {
         db: &'a dyn DbReader,
         lock: &'a mut dyn FnMut() -> io::Result<bool>,
-        committed: &'a mut dyn FnMut() -> Option<WalMark>,
+        committed: &'a mut dyn FnMut() -> Committed,
         unlock: &'a mut dyn FnMut(),
     },
+}
+
+impl Imaging<'_> {
+    fn db(&self) -> &dyn DbReader {
+        match self {
+            Imaging::WritersExcluded(db) => *db,
+            Imaging::TakeWriteLock { db, .. } => *db,
+        }
+    }
 }
 
 pub struct Paths<'a> {
     pub db: &'a Path,
     pub wal: &'a Path,
-    /// What the wal-index says is committed, when known: frames up to `frame` of
-    /// the WAL with these salts (none of a WAL with other salts). A commit frame
-    /// in the file past it was written by a writer that has not committed yet,
-    /// or that died before it could: SQLite will overwrite it, so capture must
-    /// not take it. None: trust the file, as SQLite's recovery does.
-    pub committed: Option<WalMark>,
+    pub committed: Committed,
+}
+
+/// What says which frames of the WAL file are committed. A commit frame in the
+/// file past the committed ones was written by a writer that has not committed
+/// yet, or that died before it could update the wal-index: SQLite will
+/// overwrite it, so capture must not take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Nothing: trust the file, as SQLite's recovery does when no process has
+    /// the wal-index open.
+    Unknown,
+    /// The wal-index: frames up to this one of the WAL with these salts. When
+    /// the WAL file has other salts, the wal-index has moved on to a new WAL,
+    /// which SQLite does only once the old one is checkpointed completely.
+    WalIndex(WalMark),
+    /// The WAL was just checkpointed completely (closing): what the database
+    /// file holds says which commits were counted.
+    Checkpointed,
 }
 
 impl Paths<'_> {
-    /// The last frame of `w` that may be captured.
-    fn limit(&self, w: &WalFile) -> Option<u32> {
-        self.committed.map(|m| if (m.salt1, m.salt2) == (w.header.salt1, w.header.salt2) { m.frame } else { 0 })
+    /// The last frame of `w` that may be captured (None: any). `from` is where
+    /// the log stands in `w`, when it does.
+    fn limit(&self, w: &WalFile, from: Option<WalPos>, db: &dyn DbReader) -> io::Result<Option<u32>> {
+        match self.committed {
+            Committed::Unknown => Ok(None),
+            Committed::WalIndex(m) if (m.salt1, m.salt2) == (w.header.salt1, w.header.salt2) => Ok(Some(m.frame)),
+            Committed::WalIndex(_) | Committed::Checkpointed => last_checkpointed_commit(w, from.unwrap_or(w.start()), db).map(Some),
+        }
     }
 }
 
@@ -170,7 +197,8 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
     }
     if problem.is_none() {
         if let (WalCursor::InWal(pos), Some(w)) = (log.state.cursor, &wal) {
-            problem = append_commits(log, w, pos, paths.limit(w), claims, claim_state, &mut out)?;
+            let limit = paths.limit(w, Some(pos), imaging.db())?;
+            problem = append_commits(log, w, pos, limit, claims, claim_state, &mut out)?;
         }
     }
     if let Some(reason) = problem {
@@ -416,7 +444,7 @@ fn take_image(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dy
     let mut page = vec![0u8; page_size as usize];
     let (wal_end, wal_pages) = match wal {
         Some(w) => {
-            let (pos, pages) = w.last_commit(&mut Vec::new(), paths.limit(w))?;
+            let (pos, pages) = w.last_commit(&mut Vec::new(), paths.limit(w, None, db)?)?;
             (Some(pos), pages)
         }
         None => (None, None),
@@ -500,15 +528,17 @@ pub enum WalChange<'a> {
 /// thread, which excludes other writers.
 pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, claims: Claims, change: WalChange) -> Result<CatchUp, CaptureError> {
     let checked;
-    let paths = match (&change, paths.committed) {
-        (WalChange::End, None) => {
-            // Closing: the wal-index is gone, but the checkpoint just copied
-            // every committed frame into the database file.
-            checked = Paths { db: paths.db, wal: paths.wal, committed: last_checkpointed_commit(log, paths, db)? };
+    let paths = match paths.committed {
+        // SQLite restarts, truncates or deletes a WAL only once a checkpoint has
+        // copied every committed frame of it into the database file: when the
+        // wal-index cannot say (it is closed), the file can.
+        Committed::Unknown => {
+            checked = Paths { db: paths.db, wal: paths.wal, committed: Committed::Checkpointed };
             &checked
         }
         _ => paths,
     };
+    let _ = &change;
     let r = catch_up(log, paths, Imaging::WritersExcluded(db), claims)?;
     if let WalCursor::InWal(from) = log.state.cursor {
         match change {
@@ -525,15 +555,14 @@ pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, 
     Ok(r)
 }
 
-/// The last commit of the WAL whose pages the database file holds, after a
-/// complete checkpoint: the last one SQLite committed. A commit frame past it was
-/// written by a writer that died before updating the wal-index (SQLite never
-/// counted it); its pages are not in the database file. None: no WAL, or the
-/// log does not follow it (a new generation will be taken from the file).
-fn last_checkpointed_commit(log: &LogWriter, paths: &Paths, db: &dyn DbReader) -> Result<Option<WalMark>, CaptureError> {
-    let (Some(w), WalCursor::InWal(from)) = (WalFile::open(paths.wal)?, log.state.cursor) else { return Ok(None) };
+/// The last commit of the WAL after `from` whose pages the database file holds,
+/// after a complete checkpoint: the last one SQLite committed (or `from` itself
+/// when there is none). A commit frame past it was written by a writer that died
+/// before updating the wal-index; SQLite never counted it, and its pages are not
+/// in the database file.
+fn last_checkpointed_commit(w: &WalFile, from: WalPos, db: &dyn DbReader) -> io::Result<u32> {
     if !w.contains(&from)? {
-        return Ok(None);
+        return Ok(from.frame);
     }
     let mut commits = Vec::new();
     let mut pos = from;
@@ -555,16 +584,16 @@ fn last_checkpointed_commit(log: &LogWriter, paths: &Paths, db: &dyn DbReader) -
             db.read_at(&mut db_page, (h.page_no as u64 - 1) * w.page_size() as u64)?;
             // An earlier frame of the same page may hold an older version: only
             // a page's last version in the transaction must match.
-            if wal_page != db_page && last_version_in(&w, c, f, h.page_no)? {
+            if wal_page != db_page && last_version_in(w, c, f, h.page_no)? {
                 same = false;
                 break;
             }
         }
         if same {
-            return Ok(Some(WalMark { salt1: w.header.salt1, salt2: w.header.salt2, frame: c.commit }));
+            return Ok(c.commit);
         }
     }
-    Ok(Some(WalMark { salt1: w.header.salt1, salt2: w.header.salt2, frame: from.frame }))
+    Ok(from.frame)
 }
 
 /// True when frame `f` holds the last version of `page_no` within transaction `c`.
@@ -680,7 +709,7 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        let paths = Paths { db: &db, wal: &wal, committed: None };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_some());
         assert_eq!(log.state.last_frame_no, 4);
@@ -711,7 +740,7 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        catch_up(&mut log, &Paths { db: &db, wal: &wal, committed: None }, Imaging::WritersExcluded(&f), None).unwrap();
+        catch_up(&mut log, &Paths { db: &db, wal: &wal, committed: Committed::Unknown }, Imaging::WritersExcluded(&f), None).unwrap();
         (db, wal, logp, b, log, f)
     }
 
@@ -766,7 +795,7 @@ mod tests {
         let mut file = vec![0xA1u8; 512]; // page 1 as of T (frame 1)
         file.extend_from_slice(&[0x77u8; 512]); // page 2 from T
         std::fs::write(&db, &file).unwrap();
-        let paths = Paths { db: &db, wal: &wal, committed: None };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
         before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
         let pages = replay(&logp);
         assert_eq!(pages[&2][0], 0x77, "T is captured");
@@ -774,9 +803,28 @@ mod tests {
     }
 
     #[test]
+    fn after_a_restart_checkpoint_the_old_wal_is_captured_before_it_is_overwritten() {
+        // wal_checkpoint(RESTART) copied everything into the file and reset the
+        // wal-index to a new WAL (other salts, no frames); the WAL file still
+        // holds the old frames, one commit of which the log has not captured yet.
+        let (db, wal, logp, mut b, mut log, f) = two_page_primary("r");
+        b.frame(2, 2, 0x55);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut file = vec![0xA1u8; 512];
+        file.extend_from_slice(&[0x55u8; 512]);
+        std::fs::write(&db, &file).unwrap();
+        let reset = Committed::WalIndex(WalMark { salt1: 6, salt2: 1234, frame: 0 });
+        let paths = Paths { db: &db, wal: &wal, committed: reset };
+        let b2 = WalBuilder::new(512, 6, 1234);
+        let r = before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b2.bytes[0..32])).unwrap();
+        assert_eq!(r.transactions, 1);
+        assert_eq!(replay(&logp)[&2][0], 0x55);
+    }
+
+    #[test]
     fn foreign_wal_restart_starts_a_generation() {
         let (db, wal, logp, _, mut log, f) = two_page_primary("b");
-        let paths = Paths { db: &db, wal: &wal, committed: None };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
         let mut b2 = WalBuilder::new(512, 6, 99);
         b2.frame(2, 2, 0xD1);
         std::fs::write(&wal, &b2.bytes).unwrap();
@@ -790,10 +838,17 @@ mod tests {
     #[test]
     fn restart_and_end_hooks_keep_continuity() {
         let (db, wal, logp, mut b, mut log, f) = two_page_primary("c");
-        let paths = Paths { db: &db, wal: &wal, committed: None };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
         b.frame(2, 2, 0xA2);
         std::fs::write(&wal, &b.bytes).unwrap();
-        // SQLite restarts the WAL: the hook sees the old WAL still intact.
+        // A checkpoint copies the WAL into the file; then SQLite restarts the
+        // WAL: the hook sees the old WAL still intact.
+        let checkpointed = |p1: u8, p2: u8| {
+            let mut file = vec![p1; 512];
+            file.extend_from_slice(&[p2; 512]);
+            std::fs::write(&db, &file).unwrap();
+        };
+        checkpointed(0xA1, 0xA2);
         let mut b2 = WalBuilder::new(512, 6, 77);
         before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b2.bytes[0..32])).unwrap();
         after_wal_started(&mut log, None, &b2.bytes[0..32]).unwrap();
@@ -802,6 +857,7 @@ mod tests {
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_none());
         assert_eq!(r.transactions, 1);
+        checkpointed(0xE1, 0xA2);
         before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
         std::fs::remove_file(&wal).unwrap();
         after_wal_ended(&mut log, &paths).unwrap();

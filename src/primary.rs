@@ -9,7 +9,7 @@
 //! SQLite is about to destroy WAL content (restart, truncate, delete), which is
 //! also where the log is made durable.
 
-use crate::capture::{self, CaptureError, CatchUp, Imaging, Paths};
+use crate::capture::{self, CaptureError, CatchUp, Committed, Imaging, Paths};
 use crate::claim::{self, ClaimFile, ClaimState, WalMark};
 use crate::conf::{self, Conf, Role};
 use crate::log::{hex, LogError, LogWriter, WalCursor};
@@ -407,10 +407,11 @@ impl DbState {
                 // Read what is committed before reading the WAL: a commit that
                 // lands in between is taken at the next wake-up.
                 // (No WAL, nothing to bound: then do not create a wal-index either.)
-                let committed = if self.wal_path.exists() { db.wal_index_mark() } else { None };
+                let read_mark = || db.wal_index_mark().map_or(Committed::Unknown, Committed::WalIndex);
+                let committed = if self.wal_path.exists() { read_mark() } else { Committed::Unknown };
                 let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
                 let mut lock = || db.try_lock_writer();
-                let mut committed = || db.wal_index_mark();
+                let mut committed = read_mark;
                 let mut unlock = || db.unlock_writer();
                 let imaging = Imaging::TakeWriteLock { db: &db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
                 capture::catch_up(log, &paths, imaging, self.claims.get())
@@ -658,7 +659,10 @@ impl DbState {
         // What was committed when this thread took the WAL write lock: SQLite has
         // since reset the wal-index for the new WAL, but the old WAL's frames up
         // to that point are what was committed.
-        let committed = if what == "deleting the WAL" { None } else { self.write_start_mark() };
+        let committed = match self.write_start_mark() {
+            Some(m) if what != "deleting the WAL" => Committed::WalIndex(m),
+            _ => Committed::Unknown,
+        };
         let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
         let claims = self.claims.get();
         let log = g.log.as_mut().unwrap();

@@ -74,3 +74,23 @@ def test_two_processes_writing_concurrently(tmp_path):
     st = wc.status(db)
     assert st["generation"] == 1, st
     check_restores(tmp, db)
+
+
+def test_restart_checkpoints_between_commits(tmp_path):
+    """After each wal_checkpoint(RESTART) the next writer restarts the WAL and
+    overwrites its frames: every commit must reach the log first, however far
+    behind the capture thread is."""
+    tmp = str(tmp_path)
+    db = os.path.join(tmp, "app.db")
+    wc.py(f"""
+import wc
+c = wc.connect({db!r})
+c.execute("CREATE TABLE t(x)")
+c.execute("PRAGMA walcast_role='primary'")
+for i in range(400):
+    c.execute("INSERT INTO t VALUES (randomblob(3000))")
+    c.execute("INSERT INTO t VALUES (?)", (i,))
+    c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+""")
+    assert wc.status(db)["generation"] == 1
+    check_restores(tmp, db)
