@@ -155,11 +155,13 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
         (WalCursor::Ending { from, .. }, Some(w)) if w.contains(&from)? => WalCursor::InWal(from),
         (WalCursor::Ending { stat, .. }, None) => WalCursor::Ended(stat),
         (WalCursor::Ending { from, .. }, Some(_)) => WalCursor::InWal(from),
+        (WalCursor::Starting { to, .. }, Some(w)) if w.contains(&to)? => WalCursor::InWal(to),
+        (WalCursor::Starting { stat, .. }, _) => WalCursor::Ended(stat),
         (c, _) => c,
     };
     log.state.cursor = cursor;
     let mut problem = match (cursor, &wal) {
-        (WalCursor::Switching { .. } | WalCursor::Ending { .. }, _) => unreachable!("resolved above"),
+        (WalCursor::Switching { .. } | WalCursor::Ending { .. } | WalCursor::Starting { .. }, _) => unreachable!("resolved above"),
         (WalCursor::Unknown, _) => Some(if log.state.generation == 0 {
             "replication started: base image of the database".to_string()
         } else {
@@ -538,18 +540,18 @@ pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, 
         }
         _ => paths,
     };
-    let _ = &change;
     let r = catch_up(log, paths, Imaging::WritersExcluded(db), claims)?;
-    if let WalCursor::InWal(from) = log.state.cursor {
-        match change {
-            WalChange::Restart(header) => {
-                if let Some(h) = crate::wal::WalHeader::parse(header) {
-                    let to = WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum };
-                    log.wal_event(WalEvent::Switching(from, to))?;
-                }
-            }
-            WalChange::End => log.wal_event(WalEvent::Ending(from, DbStat::of(paths.db)?))?,
+    let new_wal = match change {
+        WalChange::Restart(header) => {
+            crate::wal::WalHeader::parse(header).map(|h| WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum })
         }
+        WalChange::End => None,
+    };
+    match (log.state.cursor, &change, new_wal) {
+        (WalCursor::InWal(from), WalChange::Restart(_), Some(to)) => log.wal_event(WalEvent::Switching(from, to))?,
+        (WalCursor::Ended(stat), WalChange::Restart(_), Some(to)) => log.wal_event(WalEvent::Starting(to, stat))?,
+        (WalCursor::InWal(from), WalChange::End, _) => log.wal_event(WalEvent::Ending(from, DbStat::of(paths.db)?))?,
+        _ => {}
     }
     log.sync()?;
     Ok(r)
@@ -819,6 +821,28 @@ mod tests {
         let r = before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b2.bytes[0..32])).unwrap();
         assert_eq!(r.transactions, 1);
         assert_eq!(replay(&logp)[&2][0], 0x55);
+    }
+
+    #[test]
+    fn a_crash_right_after_starting_a_wal_keeps_the_generation() {
+        let (db, wal, logp, _, mut log, f) = two_page_primary("k");
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        std::fs::write(&db, [vec![0xA1u8; 512], vec![100 + 1; 512]].concat()).unwrap();
+        before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
+        std::fs::remove_file(&wal).unwrap();
+        after_wal_ended(&mut log, &paths).unwrap();
+        // A new WAL: the intent is recorded, SQLite writes the header and a
+        // commit, and the process dies before recording that the WAL started.
+        let mut b = WalBuilder::new(512, 9, 9);
+        before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b.bytes[0..32])).unwrap();
+        b.frame(2, 2, 0x42);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        drop(log);
+        let (mut log, _) = LogWriter::open(&logp, true).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        assert!(r.new_generation.is_none(), "{:?}", r.new_generation);
+        assert_eq!(r.transactions, 1);
+        assert_eq!(replay(&logp)[&2][0], 0x42);
     }
 
     #[test]

@@ -80,6 +80,10 @@ pub enum WalCursor {
     /// The log holds all of the WAL at `from`; walcast was about to truncate or
     /// delete it. Resolved by whether the WAL file still holds it.
     Ending { from: WalPos, stat: DbStat },
+    /// The log holds everything and no WAL existed (database file in state
+    /// `stat`); walcast was about to start the WAL `to`. Resolved by whether the
+    /// WAL file holds it.
+    Starting { to: WalPos, stat: DbStat },
 }
 
 /// The state of a log at a record boundary.
@@ -192,6 +196,7 @@ fn encode_slot(id: &LogIdentity, seq: u64, s: &LogState, tail: &LogState) -> [u8
         WalCursor::Ended(st) => (2, zero, st, zero),
         WalCursor::Switching { from, to } => (3, from, DbStat::default(), to),
         WalCursor::Ending { from, stat } => (4, from, stat, zero),
+        WalCursor::Starting { to, stat } => (5, zero, stat, to),
     };
     b[192..196].copy_from_slice(&to.salt1.to_le_bytes());
     b[196..200].copy_from_slice(&to.salt2.to_le_bytes());
@@ -256,6 +261,7 @@ fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState, LogState), SlotP
         2 => WalCursor::Ended(stat),
         3 => WalCursor::Switching { from: pos, to },
         4 => WalCursor::Ending { from: pos, stat },
+        5 => WalCursor::Starting { to, stat },
         _ => WalCursor::Unknown,
     };
     let state = LogState {
@@ -413,6 +419,9 @@ pub enum WalEvent {
     /// walcast captured all of the WAL at `from` and is about to truncate or
     /// delete it, leaving the database file in this state.
     Ending(WalPos, DbStat),
+    /// No WAL existed (the database file in this state) and walcast is about to
+    /// start the WAL `to`.
+    Starting(WalPos, DbStat),
 }
 
 fn put_pos(b: &mut [u8], at: usize, p: &WalPos, with_frame: bool) {
@@ -468,6 +477,11 @@ impl WalEvent {
                 put_pos(&mut b, 2, from, true);
                 put_stat(&mut b, 42, st);
             }
+            WalEvent::Starting(to, st) => {
+                b[1] = 5;
+                put_pos(&mut b, 22, to, false);
+                put_stat(&mut b, 42, st);
+            }
         }
         b[66..74].copy_from_slice(&unix_ms.to_le_bytes());
         let c = crc(&b[0..74]);
@@ -484,6 +498,7 @@ impl WalEvent {
             2 => Some(WalEvent::Ended(get_stat(b, 42))),
             3 => Some(WalEvent::Switching(get_pos(b, 2, true), get_pos(b, 22, false))),
             4 => Some(WalEvent::Ending(get_pos(b, 2, true), get_stat(b, 42))),
+            5 => Some(WalEvent::Starting(get_pos(b, 22, false), get_stat(b, 42))),
             _ => None,
         }
     }
@@ -495,6 +510,7 @@ impl WalEvent {
             WalEvent::Ended(st) => WalCursor::Ended(st),
             WalEvent::Switching(from, to) => WalCursor::Switching { from, to },
             WalEvent::Ending(from, stat) => WalCursor::Ending { from, stat },
+            WalEvent::Starting(to, stat) => WalCursor::Starting { to, stat },
         }
     }
 }

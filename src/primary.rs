@@ -80,9 +80,11 @@ pub struct DbState {
     claims: OnceLock<ClaimFile>,
     /// The last claim this process wrote: when the WAL's last commit is still
     /// that one, nobody else committed since and the claim file need not be read.
-    claim_cache: Mutex<Option<WalMark>>,
+    claim_cache: Mutex<Option<(WalMark, (u32, u32))>>,
     /// Where this process has mapped the first wal-index region (0 = not mapped).
     wal_index: AtomicUsize,
+    /// The first piece of a frame header SQLite split in two (offset, bytes).
+    partial_header: Mutex<Option<(u64, Vec<u8>)>>,
     /// When this process last read the conf file for a role another process set.
     conf_checked_ms: AtomicU64,
     /// The wal-index header when this process last took the WAL write lock.
@@ -97,6 +99,8 @@ pub struct DbState {
 #[derive(Clone, Copy, Debug)]
 pub struct WalIndexHeader {
     pub max_frame: u32,
+    /// The checksum of the last committed frame.
+    pub frame_cksum: (u32, u32),
     pub salt1: u32,
     pub salt2: u32,
     pub page_size: u32,
@@ -135,6 +139,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wal_index: AtomicUsize::new(0),
                 wal_page_size: Default::default(),
                 conf_checked_ms: AtomicU64::new(0),
+                partial_header: Mutex::new(None),
                 write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
             })
@@ -510,7 +515,7 @@ impl DbState {
             v["wal"] = match s.cursor {
                 WalCursor::InWal(p) => serde_json::json!({"salt1": format!("{:08x}", p.salt1), "salt2": format!("{:08x}", p.salt2), "frame": p.frame}),
                 WalCursor::Ended(_) | WalCursor::Ending { .. } => "none (checkpointed and removed)".into(),
-                WalCursor::Switching { to, .. } => serde_json::json!({"salt1": format!("{:08x}", to.salt1), "salt2": format!("{:08x}", to.salt2), "frame": 0}),
+                WalCursor::Switching { to, .. } | WalCursor::Starting { to, .. } => serde_json::json!({"salt1": format!("{:08x}", to.salt1), "salt2": format!("{:08x}", to.salt2), "frame": 0}),
                 WalCursor::Unknown => serde_json::Value::Null,
             };
             v["generation_reason"] = log.generation_reason.clone().or_else(|| g.last_generation_reason.clone()).into();
@@ -599,11 +604,32 @@ impl DbState {
                 capture::after_wal_started(log, claims, header)
             });
         }
-        if data.len() == 24 && data[4..8] != [0, 0, 0, 0] {
-            // The header of a commit frame (its database size is non-zero).
-            if let Err(e) = self.claim_commit_frame(off, data, wal_index()) {
-                report(&e.message);
-                return e.code;
+        // A frame header normally arrives as one 24-byte write. With sector
+        // padding (psow=0), SQLite splits a write that crosses its sync point, so
+        // a header can arrive in two pieces: keep the first piece and claim when
+        // the second completes it (the frame is not valid before then).
+        let header = {
+            let mut partial = self.partial_header.lock().unwrap_or_else(|e| e.into_inner());
+            match partial.take() {
+                Some((at, mut first)) if at + first.len() as u64 == off && first.len() + data.len() >= 24 => {
+                    first.extend_from_slice(&data[..24 - first.len()]);
+                    Some((at, first))
+                }
+                _ if data.len() < 24 && !data.is_empty() => {
+                    *partial = Some((off, data.to_vec()));
+                    None
+                }
+                _ if data.len() == 24 => Some((off, data.to_vec())),
+                _ => None,
+            }
+        };
+        if let Some((at, h)) = header {
+            if h[4..8] != [0, 0, 0, 0] {
+                // The header of a commit frame (its database size is non-zero).
+                if let Err(e) = self.claim_commit_frame(at, &h, wal_index()) {
+                    report(&e.message);
+                    return e.code;
+                }
             }
         }
         write()
@@ -780,8 +806,14 @@ impl DbState {
             message: format!("{}: cannot record the commit in {}: {e}", self.db_path, self.claim_path.display()),
         };
         let mut cache = self.claim_cache.lock().unwrap_or_else(|e| e.into_inner());
+        // The cache proves the WAL's last commit is ours only if that commit is
+        // the very frame we claimed: same number and same checksum (a claimed
+        // commit whose write then failed is not).
+        let last_cksum = wal_index.map(|h| h.frame_cksum);
         let state = match *cache {
-            Some(c) if c.salt1 == salts.0 && c.salt2 == salts.1 && c.frame == wal_last => ClaimState { claimed: c, ..Default::default() },
+            Some((c, ck)) if c.salt1 == salts.0 && c.salt2 == salts.1 && c.frame == wal_last && Some(ck) == last_cksum => {
+                ClaimState { claimed: c, ..Default::default() }
+            }
             _ => claims.read().map_err(io)?,
         };
         let (claim, foreign) = claim::on_commit_frame(&state, salts, wal_last, frame);
@@ -794,7 +826,7 @@ impl DbState {
             ));
         }
         claims.write_claim(claim).map_err(io)?;
-        *cache = Some(claim);
+        *cache = Some((claim, (be(16), be(20))));
         Ok(())
     }
 

@@ -587,7 +587,13 @@ fn wal_index_header(addr: usize) -> Option<primary::WalIndexHeader> {
         let sz = (a[3] >> 16) & 0xffff;
         let page_size = (sz & 0xfe00) | ((sz & 1) << 16);
         // The salts are kept as the WAL header's big-endian bytes.
-        Some(primary::WalIndexHeader { max_frame: a[4], salt1: u32::from_be(a[8]), salt2: u32::from_be(a[9]), page_size })
+        Some(primary::WalIndexHeader {
+            max_frame: a[4],
+            frame_cksum: (a[6], a[7]),
+            salt1: u32::from_be(a[8]),
+            salt2: u32::from_be(a[9]),
+            page_size,
+        })
     }
 }
 

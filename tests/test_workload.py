@@ -94,3 +94,25 @@ for i in range(400):
 """)
     assert wc.status(db)["generation"] == 1
     check_restores(tmp, db)
+
+
+def test_sector_padding_and_full_sync(tmp_path):
+    """With psow=0 and synchronous=FULL, SQLite pads each commit to a sector with
+    copies of the commit frame, and splits a write at its sync point, so a frame
+    header can arrive in two pieces: every commit is still walcast's own."""
+    tmp = str(tmp_path)
+    db = os.path.join(tmp, "app.db")
+    wc.py(f"""
+import wc
+c = wc.connect("file:{db}?psow=0", uri=True)
+c.execute("PRAGMA journal_mode=WAL")
+c.execute("PRAGMA synchronous=FULL")
+c.execute("PRAGMA wal_autocheckpoint=0")
+c.execute("CREATE TABLE t(x)")
+c.execute("PRAGMA walcast_role='primary'")
+for i in range(600):
+    c.execute("INSERT INTO t VALUES (?)", (i,))
+""")
+    st = wc.status(db)
+    assert st["generation"] == 1, st
+    check_restores(tmp, db)
