@@ -72,15 +72,13 @@ fn walk(lf: &LogFile) -> Result<Walk, LogError> {
     let mut batch_pages = std::collections::HashSet::new();
     let (end, how) = lf.scan_all(|off, rec, st| {
         match rec {
-            Record::Frame(h, _) => {
-                if !batch_pages.insert(h.page_no) {
-                    return Err(LogError::Corrupt {
-                        path: lf.path.clone(),
-                        frame_no: h.frame_no,
-                        offset: off,
-                        what: format!("page {} appears twice in one transaction", h.page_no),
-                    });
-                }
+            Record::Frame(h, _) if !batch_pages.insert(h.page_no) => {
+                return Err(LogError::Corrupt {
+                    path: lf.path.clone(),
+                    frame_no: h.frame_no,
+                    offset: off,
+                    what: format!("page {} appears twice in one transaction", h.page_no),
+                });
             }
             Record::Generation(g) => {
                 let mut before = prev;
