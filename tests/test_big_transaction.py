@@ -61,3 +61,6 @@ def test_big_transaction_streams(tmp_path):
     assert os.path.getsize(db) > MB * 1024 * 1024
     os.remove(db + "-walcast")
     wc.integrity_ok(out)
+    # Leave no gigabytes behind.
+    for path in (db, out):
+        os.remove(path)
