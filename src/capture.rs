@@ -288,6 +288,44 @@ fn last_versions(w: &WalFile, first: u32, last: u32, db_pages: u32) -> io::Resul
 /// from memory; larger ones stream frame by frame.
 const SMALL_TRANSACTION: usize = 4 << 20;
 
+fn wal_changed() -> CaptureError {
+    CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied"))
+}
+
+/// Writes one transaction as a batch: `copy` hands each kept page (page_no,
+/// bytes) to the emitter, in WAL order; the last one carries the database size.
+/// The batch closes with the WAL position it came from, once the WAL is seen to
+/// still hold it. On any error the batch is dropped.
+fn write_batch<F>(log: &mut LogWriter, w: &WalFile, c: &WalCommit, kept: u64, copy: F) -> Result<u64, CaptureError>
+where
+    F: FnOnce(&mut dyn FnMut(u32, &[u8]) -> Result<(), CaptureError>) -> Result<(), CaptureError>,
+{
+    log.begin_batch();
+    let r = (|| -> Result<(), CaptureError> {
+        {
+            let mut written = 0;
+            let mut emit = |page_no: u32, page: &[u8]| -> Result<(), CaptureError> {
+                written += 1;
+                let size_after = if written == kept { c.db_pages } else { 0 };
+                log.add_frame(page_no, size_after, page)?;
+                Ok(())
+            };
+            copy(&mut emit)?;
+        }
+        // The frames must still be the ones validated: a restart by a process
+        // without walcast would have rewritten the WAL header.
+        if !w.contains(&c.end)? {
+            return Err(wal_changed());
+        }
+        log.commit(c.db_pages, Some(c.end))?;
+        Ok(())
+    })();
+    if r.is_err() {
+        log.abort();
+    }
+    r.map(|_| kept)
+}
+
 /// Appends a small committed transaction, read whole into memory.
 fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> Result<u64, CaptureError> {
     let fsz = w.frame_size();
@@ -300,30 +338,17 @@ fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> 
     for (i, f) in frames.iter().enumerate().rev() {
         let h = crate::wal::WalFrameHeader::parse(f);
         if (h.salt1, h.salt2) != (w.header.salt1, w.header.salt2) {
-            return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
+            return Err(wal_changed());
         }
         keep[i] = h.page_no <= c.db_pages && seen.insert(h.page_no);
     }
     let kept = keep.iter().filter(|k| **k).count() as u64;
-    log.begin_batch();
-    let r = (|| -> Result<(), CaptureError> {
-        let mut written = 0;
+    write_batch(log, w, c, kept, |emit| {
         for (f, _) in frames.iter().zip(&keep).filter(|(_, k)| **k) {
-            let h = crate::wal::WalFrameHeader::parse(f);
-            written += 1;
-            let size_after = if written == kept { c.db_pages } else { 0 };
-            log.add_frame(h.page_no, size_after, &f[crate::wal::WAL_FRAME_HEADER_LEN..])?;
+            emit(crate::wal::WalFrameHeader::parse(f).page_no, &f[crate::wal::WAL_FRAME_HEADER_LEN..])?;
         }
-        if !w.contains(&c.end)? {
-            return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
-        }
-        log.commit(c.db_pages, Some(c.end))?;
         Ok(())
-    })();
-    if r.is_err() {
-        log.abort();
-    }
-    r.map(|_| kept)
+    })
 }
 
 /// Appends one committed WAL transaction as a batch: each page once, with its
@@ -341,34 +366,20 @@ fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mu
 /// version, then the kept frames forwards.
 fn append_streamed_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<u64, CaptureError> {
     let (keep, kept) = last_versions(w, c.first, c.commit, c.db_pages)?;
-    log.begin_batch();
-    let r = (|| -> Result<(), CaptureError> {
-        let mut written = 0;
+    write_batch(log, w, c, kept, |emit| {
         for f in c.first..=c.commit {
             if !keep.get((f - c.first) as usize) {
                 continue;
             }
             let h = w.read_frame_header(f)?;
             if (h.salt1, h.salt2) != (w.header.salt1, w.header.salt2) {
-                return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
+                return Err(wal_changed());
             }
             w.read_page(f, page)?;
-            written += 1;
-            let size_after = if written == kept { c.db_pages } else { 0 };
-            log.add_frame(h.page_no, size_after, page)?;
+            emit(h.page_no, page)?;
         }
-        // The WAL frames must still be the ones validated: a concurrent restart
-        // by a process without walcast would have changed the salts.
-        if !w.contains(&c.end)? {
-            return Err(CaptureError::Io(io::Error::other("the WAL changed while a transaction was being copied")));
-        }
-        log.commit(c.db_pages, Some(c.end))?;
         Ok(())
-    })();
-    if r.is_err() {
-        log.abort();
-    }
-    r.map(|_| kept)
+    })
 }
 
 /// The page size and size in pages recorded in a database header, if the file
