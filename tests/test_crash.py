@@ -76,7 +76,9 @@ def test_kill_dash_nine_of_one_of_two_concurrent_writers(tmp_path):
         procs = [subprocess.Popen([wc.PYTHON, os.path.join(wc.HERE, "workload.py"), db, "--seed", str(500 + 2 * i + k),
                                    "--ops", "100000" if k == 0 else "150", "--commit-log", logs[k], "--conns", "1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(2)]
-        wc.wait_for(lambda: os.path.exists(logs[0]) and os.path.getsize(logs[0]) > 0, timeout=60, what="first commit")
+        wc.wait_for(lambda: (os.path.exists(logs[0]) and os.path.getsize(logs[0]) > 0) or procs[0].poll() is not None,
+                    timeout=60, what="first commit")
+        assert procs[0].poll() is None, procs[0].stderr.read().decode()
         time.sleep(rnd.uniform(0.0, 0.5))
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()
