@@ -58,7 +58,6 @@ struct Inner {
     last_error: Option<String>,
     /// Capture cannot continue (the log is unusable): writes are refused.
     fatal: Option<String>,
-    last_generation_reason: Option<String>,
 }
 
 pub struct DbState {
@@ -126,7 +125,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wal_path: format!("{db_path}-wal").into(),
                 log_path: format!("{db_path}-walcast").into(),
                 conf_path: format!("{db_path}-walcast-conf").into(),
-                inner: Mutex::new(Inner { role: Role::Off, log: None, last_error: None, fatal: None, last_generation_reason: None }),
+                inner: Mutex::new(Inner { role: Role::Off, log: None, last_error: None, fatal: None }),
                 capturing: AtomicBool::new(false),
                 refusing_writes: AtomicBool::new(false),
                 loaded: AtomicBool::new(false),
@@ -434,7 +433,6 @@ impl DbState {
                     if generation > 1 {
                         report(&format!("{}: new generation {generation}: {reason}", self.db_path));
                     }
-                    g.last_generation_reason = Some(reason.clone());
                 }
             }
             Err(CaptureError::Busy) => {}
@@ -518,7 +516,7 @@ impl DbState {
                 WalCursor::Switching { to, .. } | WalCursor::Starting { to, .. } => serde_json::json!({"salt1": format!("{:08x}", to.salt1), "salt2": format!("{:08x}", to.salt2), "frame": 0}),
                 WalCursor::Unknown => serde_json::Value::Null,
             };
-            v["generation_reason"] = log.generation_reason.clone().or_else(|| g.last_generation_reason.clone()).into();
+            v["generation_reason"] = log.generation_reason.clone().into();
         } else if let Ok(m) = std::fs::metadata(&self.log_path) {
             v["log_bytes"] = m.len().into();
         }

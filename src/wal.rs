@@ -162,13 +162,6 @@ impl WalFile {
         Ok(WalFrameHeader::parse(&b))
     }
 
-    /// Reads a whole frame (header into `head`, page into `page`).
-    pub fn read_frame(&self, frame: u32, head: &mut [u8; WAL_FRAME_HEADER_LEN], page: &mut [u8]) -> io::Result<()> {
-        let off = self.frame_offset(frame);
-        self.file.read_exact_at(head, off)?;
-        self.file.read_exact_at(page, off + WAL_FRAME_HEADER_LEN as u64)
-    }
-
     /// The size of one frame: header and page.
     pub fn frame_size(&self) -> usize {
         WAL_FRAME_HEADER_LEN + self.page_size()
