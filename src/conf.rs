@@ -7,6 +7,7 @@
 //! ```text
 //! role=primary
 //! db_id=4f0c...  (32 hex digits)
+//! endpoint=tcp://0.0.0.0:7070
 //! ```
 
 use std::fs::{self, File};
@@ -17,6 +18,7 @@ use std::path::Path;
 pub enum Role {
     Off,
     Primary,
+    Replica,
 }
 
 impl Role {
@@ -24,6 +26,7 @@ impl Role {
         match self {
             Role::Off => "off",
             Role::Primary => "primary",
+            Role::Replica => "replica",
         }
     }
 }
@@ -33,8 +36,8 @@ pub fn parse_role(s: &str) -> Result<Role, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "primary" => Ok(Role::Primary),
         "off" | "none" => Ok(Role::Off),
-        "replica" => Err("walcast_role 'replica' is not available in this version of walcast (replicas arrive with the NNG transport); expected 'primary' or 'off'".into()),
-        _ => Err(format!("unknown walcast_role '{}': expected 'primary' or 'off'", s)),
+        "replica" => Ok(Role::Replica),
+        _ => Err(format!("unknown walcast_role '{}': expected 'primary', 'replica' or 'off'", s)),
     }
 }
 
@@ -42,11 +45,13 @@ pub fn parse_role(s: &str) -> Result<Role, String> {
 pub struct Conf {
     pub role: Role,
     pub db_id: Option<[u8; 16]>,
+    /// Where a primary listens, or the primary a replica follows.
+    pub endpoint: Option<String>,
 }
 
 impl Default for Conf {
     fn default() -> Self {
-        Conf { role: Role::Off, db_id: None }
+        Conf { role: Role::Off, db_id: None, endpoint: None }
     }
 }
 
@@ -81,6 +86,7 @@ impl Conf {
                 "db_id" => {
                     conf.db_id = Some(parse_hex16(v.trim()).ok_or_else(|| format!("{}: malformed db_id '{}'", path.display(), v.trim()))?)
                 }
+                "endpoint" => conf.endpoint = Some(v.trim().to_string()).filter(|e| !e.is_empty()),
                 _ => {} // keys of later versions
             }
         }
@@ -92,6 +98,9 @@ impl Conf {
         text.push_str(&format!("role={}\n", self.role.as_str()));
         if let Some(id) = self.db_id {
             text.push_str(&format!("db_id={}\n", crate::log::hex(&id)));
+        }
+        if let Some(e) = &self.endpoint {
+            text.push_str(&format!("endpoint={e}\n"));
         }
         let tmp = path.with_extension("walcast-conf-tmp");
         {
@@ -127,7 +136,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!("walcast-conf-{}", std::process::id()));
         fs::create_dir_all(&d).unwrap();
         let p = d.join("a.db-walcast-conf");
-        let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]) };
+        let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]), endpoint: Some("tcp://h:1".into()) };
         c.save(&p).unwrap();
         assert_eq!(Conf::load(&p).unwrap(), c);
         assert_eq!(Conf::load(&d.join("missing")).unwrap(), Conf::default());

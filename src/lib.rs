@@ -12,16 +12,23 @@
 //! - `sql`: the SQL functions.
 //! - `vfs`: the `walcast` VFS callbacks, the API pointer, the entry point glue.
 
+pub mod apply;
 pub mod capture;
 pub mod claim;
 pub mod conf;
 pub mod frame;
 pub mod log;
+pub mod logtail;
 pub mod primary;
+pub mod publish;
+pub mod replica;
 pub mod restore;
 pub mod sql;
+pub mod transport;
 pub mod vfs;
 pub mod wal;
+pub mod walindex;
+pub mod wire;
 
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};

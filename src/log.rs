@@ -35,15 +35,15 @@ pub const TAG_COMMIT: u8 = b'C';
 pub const TAG_GENERATION: u8 = b'G';
 pub const TAG_WAL_EVENT: u8 = b'W';
 
-const COMMIT_LEN: usize = 1 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 8 + 8;
-const WAL_EVENT_LEN: usize = 82;
-const MAX_REASON: usize = 1024;
+pub(crate) const COMMIT_LEN: usize = 1 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 8 + 8;
+pub(crate) const WAL_EVENT_LEN: usize = 82;
+pub(crate) const MAX_REASON: usize = 1024;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn crc(bytes: &[u8]) -> u64 {
+pub(crate) fn crc(bytes: &[u8]) -> u64 {
     let mut d = crc64fast::Digest::new();
     d.write(bytes);
     d.sum64()
@@ -366,7 +366,7 @@ impl CommitRecord {
         b
     }
 
-    fn decode(b: &[u8]) -> Option<CommitRecord> {
+    pub(crate) fn decode(b: &[u8]) -> Option<CommitRecord> {
         if crc(&b[0..53]) != u64_at(b, 53) {
             return None;
         }
@@ -489,7 +489,7 @@ impl WalEvent {
         b
     }
 
-    fn decode(b: &[u8]) -> Option<WalEvent> {
+    pub(crate) fn decode(b: &[u8]) -> Option<WalEvent> {
         if crc(&b[0..74]) != u64_at(b, 74) {
             return None;
         }

@@ -54,6 +54,10 @@ pub struct HookError {
 struct Inner {
     role: Role,
     log: Option<LogWriter>,
+    /// On a primary: the thread that publishes the log and serves catch-up.
+    publisher: Option<crate::publish::Publisher>,
+    /// On a replica: the thread that applies, or waits to.
+    replica: Option<ReplicaThread>,
     /// The last capture failure, cleared by the next success.
     last_error: Option<String>,
     /// Capture cannot continue (the log is unusable): writes are refused.
@@ -70,6 +74,8 @@ pub struct DbState {
     capturing: AtomicBool,
     /// Set when capture is impossible; writes are refused.
     refusing_writes: AtomicBool,
+    /// The role is replica: write transactions are refused.
+    replica_role: AtomicBool,
     loaded: AtomicBool,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -91,6 +97,20 @@ pub struct DbState {
     /// The page size of the WAL walcast follows (0 = not known yet).
     wal_page_size: std::sync::atomic::AtomicU32,
     claim_path: PathBuf,
+}
+
+struct ReplicaThread {
+    shared: Arc<crate::replica::Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ReplicaThread {
+    fn drop(&mut self) {
+        self.shared.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The wal-index header fields a writer needs: the last committed frame, the
@@ -125,7 +145,8 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wal_path: format!("{db_path}-wal").into(),
                 log_path: format!("{db_path}-walcast").into(),
                 conf_path: format!("{db_path}-walcast-conf").into(),
-                inner: Mutex::new(Inner { role: Role::Off, log: None, last_error: None, fatal: None }),
+                inner: Mutex::new(Inner { role: Role::Off, log: None, publisher: None, replica: None, last_error: None, fatal: None }),
+                replica_role: AtomicBool::new(false),
                 capturing: AtomicBool::new(false),
                 refusing_writes: AtomicBool::new(false),
                 loaded: AtomicBool::new(false),
@@ -147,17 +168,17 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
 }
 
 /// Called when SQLite opens a main database file through walcast.
-pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, readonly: bool) -> Result<Arc<DbState>, String> {
+pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, uri_endpoint: Option<String>, readonly: bool) -> Result<Arc<DbState>, String> {
     let state = get_or_create(db_path);
     state.open_handles.fetch_add(1, Ordering::AcqRel);
-    let r = open_main_db(&state, db_path, uri_role, readonly);
+    let r = open_main_db(&state, db_path, uri_role, uri_endpoint, readonly);
     if r.is_err() {
         state.main_db_closed();
     }
     r.map(|_| state)
 }
 
-fn open_main_db(state: &Arc<DbState>, db_path: &str, uri_role: Option<&str>, readonly: bool) -> Result<(), String> {
+fn open_main_db(state: &Arc<DbState>, db_path: &str, uri_role: Option<&str>, uri_endpoint: Option<String>, readonly: bool) -> Result<(), String> {
     // The first open in this process resumes the role recorded beside the database.
     if !state.loaded.swap(true, Ordering::AcqRel) {
         match Conf::load(&state.conf_path) {
@@ -167,9 +188,16 @@ fn open_main_db(state: &Arc<DbState>, db_path: &str, uri_role: Option<&str>, rea
                     state.set_fatal(&mut g, e);
                 }
             }
+            Ok(c) if c.role == Role::Replica => {
+                let mut g = state.lock();
+                state.start_replica(&mut g, c.endpoint);
+            }
             Ok(_) => {}
             Err(e) => report(&format!("{db_path}: {e}")),
         }
+    }
+    if let Some(e) = uri_endpoint {
+        state.set_endpoint(&e).map_err(|e| format!("{db_path}: {e} (URI parameter walcast_endpoint)"))?;
     }
     if let Some(r) = uri_role {
         let role = conf::parse_role(r).map_err(|e| format!("{db_path}: {e} (URI parameter walcast_role)"))?;
@@ -197,7 +225,78 @@ impl DbState {
 
     /// A main-database handle of this process on this database was closed.
     pub fn main_db_closed(&self) {
-        self.open_handles.fetch_sub(1, Ordering::AcqRel);
+        if self.open_handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last one: a replica applier hands over to another process.
+            if let Some(r) = self.lock().replica.as_ref() {
+                r.shared.poke();
+            }
+        }
+    }
+
+    /// Why a write transaction on this database must be refused, if it must.
+    pub fn refuse_replica_write(&self) -> Option<String> {
+        if !self.replica_role.load(Ordering::Acquire) {
+            return None;
+        }
+        let ep = Conf::load(&self.conf_path).ok().and_then(|c| c.endpoint).unwrap_or_else(|| "(no endpoint set)".into());
+        Some(format!("{} is a read-only walcast replica of the primary at {ep}: write there", self.db_path))
+    }
+
+    /// Starts the replica thread (the caller holds the state lock).
+    fn start_replica(self: &Arc<Self>, g: &mut Inner, endpoint: Option<String>) {
+        g.role = Role::Replica;
+        g.log = None;
+        g.publisher = None;
+        self.capturing.store(false, Ordering::Release);
+        self.refusing_writes.store(false, Ordering::Release);
+        self.replica_role.store(true, Ordering::Release);
+        if let Some(r) = &g.replica {
+            r.shared.set_endpoint(endpoint);
+            return;
+        }
+        let shared = crate::replica::Shared::new(&self.db_path, endpoint);
+        let me = Arc::downgrade(self);
+        let files = crate::vfs::VfsReplicaFiles::new(&self.db_path);
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("walcast-replica".into())
+            .spawn(move || {
+                crate::replica::run(sh, files, move || me.upgrade().is_some_and(|s| s.open_handles.load(Ordering::Acquire) > 0));
+            })
+            .ok();
+        g.replica = Some(ReplicaThread { shared, thread });
+    }
+
+    /// Sets the endpoint, as `PRAGMA walcast_endpoint = ...` does: persisted,
+    /// and applied at once to a running publisher or replica.
+    pub fn set_endpoint(&self, url: &str) -> Result<String, String> {
+        let ep = crate::transport::parse_endpoint(url)?;
+        let mut g = self.lock();
+        let mut c = Conf::load(&self.conf_path)?;
+        c.endpoint = Some(ep.url.clone());
+        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        if let Some(r) = &g.replica {
+            r.shared.set_endpoint(Some(ep.url.clone()));
+        }
+        if g.publisher.is_some() {
+            g.publisher = Some(crate::publish::start(&self.db_path, self.log_path.clone(), ep.clone()));
+        }
+        Ok(ep.url)
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        Conf::load(&self.conf_path).ok().and_then(|c| c.endpoint)
+    }
+
+    fn start_publisher(&self, g: &mut Inner) {
+        if g.publisher.is_some() {
+            return;
+        }
+        let url = self.endpoint().unwrap_or_else(|| crate::transport::default_endpoint(&self.db_path));
+        match crate::transport::parse_endpoint(&url) {
+            Ok(ep) => g.publisher = Some(crate::publish::start(&self.db_path, self.log_path.clone(), ep)),
+            Err(e) => report(&format!("{}: not publishing: {e}", self.db_path)),
+        }
     }
 
     pub fn is_capturing(&self) -> bool {
@@ -227,17 +326,54 @@ impl DbState {
                 }
                 self.capturing.store(false, Ordering::Release);
                 self.refusing_writes.store(false, Ordering::Release);
+                self.replica_role.store(false, Ordering::Release);
                 g.role = Role::Off;
                 g.log = None;
+                g.publisher = None;
+                g.replica = None;
                 g.fatal = None;
                 g.last_error = None;
                 Ok(Role::Off)
+            }
+            Role::Replica => {
+                let mut c = Conf::load(&self.conf_path)?;
+                if g.role == Role::Replica && g.replica.is_some() {
+                    return Ok(Role::Replica);
+                }
+                if c.role == Role::Primary || g.role == Role::Primary {
+                    return Err(format!(
+                        "{} is a walcast primary; a primary cannot become a replica (set walcast_role='off' first, and point the replica at a new, empty database)",
+                        self.db_path
+                    ));
+                }
+                if c.role != Role::Replica {
+                    // Only a new, empty database or an existing replica may
+                    // become one: bootstrapping replaces the whole content.
+                    let tables = Connection::open(&self.db_path)
+                        .and_then(|conn| conn.query_text("SELECT count(*) FROM sqlite_master"))
+                        .map_err(|e| format!("cannot read {}: {e}", self.db_path))?
+                        .unwrap_or_default();
+                    if tables != "0" {
+                        return Err(format!(
+                            "{} already has content ({tables} schema objects) and is not a replica; a replica starts from a new, empty database",
+                            self.db_path
+                        ));
+                    }
+                }
+                c.role = Role::Replica;
+                c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+                let me = lookup(&self.db_path).ok_or("database state is gone")?;
+                me.start_replica(&mut g, c.endpoint);
+                Ok(Role::Replica)
             }
             Role::Primary => {
                 if g.role == Role::Primary && g.fatal.is_none() && g.log.is_some() {
                     return Ok(Role::Primary);
                 }
                 let mut c = Conf::load(&self.conf_path)?;
+                if c.role == Role::Replica || g.role == Role::Replica {
+                    return Err(format!("{} is a walcast replica; promoting a replica to primary is not available in this version", self.db_path));
+                }
                 let existing_log = self.check_existing_log(&c)?;
                 ensure_wal_mode(&self.db_path)?;
                 if existing_log.is_none() || c.db_id.is_none() {
@@ -259,7 +395,7 @@ impl DbState {
                         g.role = before.role;
                         g.log = None;
                         // Keep the new identity: the log just created carries it.
-                        let _ = Conf { role: before.role, db_id: c.db_id }.save(&self.conf_path);
+                        let _ = Conf { role: before.role, db_id: c.db_id, endpoint: c.endpoint.clone() }.save(&self.conf_path);
                         Err(e)
                     }
                 }
@@ -325,7 +461,7 @@ impl DbState {
                 // the new log gets a new identity (frame_no restarts at 1, and
                 // nothing may mistake it for the old history).
                 let fresh = conf::random_id().map_err(|e| format!("cannot make a database id: {e}"))?;
-                Conf { role: Role::Primary, db_id: Some(fresh) }
+                Conf { role: Role::Primary, db_id: Some(fresh), endpoint: c.endpoint.clone() }
                     .save(&self.conf_path)
                     .map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
                 report(&format!("{}: the replication log is missing; starting a new log with a new db_id", self.db_path));
@@ -345,6 +481,7 @@ impl DbState {
         // recovering from the WAL what was committed but not yet logged, or
         // starting a generation. Hooks and SQL functions catch up synchronously.
         self.start_thread();
+        self.start_publisher(g);
         let _ = self.wake_tx.try_send(());
         Ok(())
     }
@@ -428,6 +565,9 @@ impl DbState {
         match &r {
             Ok(c) => {
                 g.last_error = None;
+                if let Some(p) = &g.publisher {
+                    let _ = p.wake.try_send(());
+                }
                 if let Some(reason) = &c.new_generation {
                     let generation = g.log.as_ref().map(|l| l.state.generation).unwrap_or(0);
                     if generation > 1 {
@@ -481,12 +621,28 @@ impl DbState {
     }
 
     pub fn last_frame_no(&self) -> Result<u64, String> {
+        if let Some(r) = self.replica_shared() {
+            return Ok(r.applied_frame_no());
+        }
         self.catch_up_now()?;
         let g = self.lock();
         Ok(g.log.as_ref().map(|l| l.state.last_frame_no).unwrap_or(0))
     }
 
+    pub fn replica_shared(&self) -> Option<Arc<crate::replica::Shared>> {
+        self.follow_role_of_other_processes();
+        self.lock().replica.as_ref().map(|r| r.shared.clone())
+    }
+
     pub fn status_json(&self) -> String {
+        if let Some(r) = self.replica_shared() {
+            let mut v = r.status_json();
+            v["database"] = self.db_path.clone().into();
+            if v.get("endpoint").is_none_or(|e| e.is_null()) {
+                v["endpoint"] = self.endpoint().into();
+            }
+            return v.to_string();
+        }
         // Up to date, unless a base image is waiting for writers: the status then
         // shows where the log stands, without waiting.
         let pending = if self.is_capturing() { self.catch_up_within(Duration::ZERO).err() } else { None };
@@ -499,8 +655,21 @@ impl DbState {
             "state": if g.fatal.is_some() { "error" } else if g.role == Role::Primary { "capturing" } else { "off" },
             "last_error": g.fatal.clone().or_else(|| g.last_error.clone()).or(pending),
         });
-        if let Some(id) = conf.and_then(|c| c.db_id) {
+        if let Some(id) = conf.as_ref().and_then(|c| c.db_id) {
             v["db_id"] = hex(&id).into();
+        }
+        if let Some(p) = &g.publisher {
+            v["endpoint"] = p.endpoint.url.clone().into();
+            v["catchup_endpoint"] = p.endpoint.catchup.clone().into();
+            v["publishing"] = p.stats.listening.load(Ordering::Acquire).into();
+            v["replicas"] = p.stats.replicas.load(Ordering::Acquire).into();
+            v["published_frame_no"] = p.stats.published_frame_no.load(Ordering::Acquire).into();
+            v["snapshots_served"] = p.stats.snapshots_served.load(Ordering::Acquire).into();
+            if let Some(e) = p.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                v["publish_error"] = e.into();
+            }
+        } else {
+            v["endpoint"] = conf.and_then(|c| c.endpoint).into();
         }
         if let Some(log) = &g.log {
             let s = &log.state;
@@ -540,9 +709,22 @@ impl DbState {
                 Err(e) => PragmaOutcome::Fail(e),
             },
             ("walcast_status", None) => PragmaOutcome::Done(Some(self.status_json())),
+            ("walcast_endpoint", None) => {
+                let g = self.lock();
+                let shown = g.publisher.as_ref().map(|p| p.endpoint.url.clone());
+                drop(g);
+                PragmaOutcome::Done(shown.or_else(|| self.endpoint()))
+            }
+            ("walcast_endpoint", Some(_)) if readonly => {
+                PragmaOutcome::Fail(format!("cannot set walcast_endpoint on a read-only connection to {}", self.db_path))
+            }
+            ("walcast_endpoint", Some(v)) => match self.set_endpoint(v) {
+                Ok(url) => PragmaOutcome::Done(Some(url)),
+                Err(e) => PragmaOutcome::Fail(e),
+            },
             ("walcast_status", Some(_)) => PragmaOutcome::Fail("walcast_status is read-only".into()),
             (n, _) if n.starts_with("walcast_") => {
-                PragmaOutcome::Fail(format!("unknown pragma '{name}': walcast has walcast_role and walcast_status"))
+                PragmaOutcome::Fail(format!("unknown pragma '{name}': walcast has walcast_role, walcast_endpoint and walcast_status"))
             }
             ("journal_mode", Some(v)) if !v.trim().eq_ignore_ascii_case("wal") && self.lock().role == Role::Primary => {
                 PragmaOutcome::Fail(format!(
@@ -736,8 +918,16 @@ impl DbState {
             }
             Role::Off => {
                 self.capturing.store(false, Ordering::Release);
+                self.replica_role.store(false, Ordering::Release);
                 g.role = Role::Off;
                 g.log = None;
+                g.publisher = None;
+                g.replica = None;
+            }
+            Role::Replica => {
+                if let Some(me) = lookup(&self.db_path) {
+                    me.start_replica(&mut g, c.endpoint);
+                }
             }
         }
     }

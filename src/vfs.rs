@@ -184,6 +184,9 @@ struct WcFile {
     state: *const DbState,
     kind: FileKind,
     readonly: bool,
+    /// The shm READ lock slots (3..7) this handle holds: a connection asking for
+    /// the WAL write lock while it holds one is starting a write transaction.
+    read_slots: u8,
 }
 
 impl WcFile {
@@ -262,6 +265,7 @@ unsafe extern "C" fn x_open(
             state: ptr::null(),
             kind: FileKind::Other,
             readonly: flags & ffi::SQLITE_OPEN_READONLY != 0,
+            read_slots: 0,
         });
         let ivfs = inner_vfs();
         let rc = ((*ivfs).xOpen.unwrap())(ivfs, name, inner, flags, out_flags);
@@ -311,7 +315,8 @@ unsafe fn finish_open(w: *mut WcFile, inner: *mut ffi::sqlite3_file, name: *cons
             (FileKind::MainDb, Some(p)) => {
                 let uri_role = uri_param(name, c"walcast_role");
                 let readonly = flags & ffi::SQLITE_OPEN_READONLY != 0;
-                match primary::on_main_db_open(p, uri_role.as_deref(), readonly) {
+                let uri_endpoint = uri_param(name, c"walcast_endpoint");
+                match primary::on_main_db_open(p, uri_role.as_deref(), uri_endpoint, readonly) {
                     Ok(s) => Some(s),
                     Err(msg) => {
                         primary::report(&msg);
@@ -599,8 +604,24 @@ fn wal_index_header(addr: usize) -> Option<primary::WalIndexHeader> {
 
 unsafe extern "C" fn f_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int, flags: c_int) -> c_int {
     guard(ffi::SQLITE_IOERR_SHMLOCK, || {
-        let w = wc(f);
+        let w = &mut *(f as *mut WcFile);
+        if ofst == 0 && flags == (ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE) && w.read_slots != 0 {
+            // A write transaction (its connection holds a read lock). Recovery and
+            // checkpoints take the write lock without one, and stay allowed.
+            if let Some(refusal) = w.state().and_then(|s| s.refuse_replica_write()) {
+                primary::report(&refusal);
+                return ffi::SQLITE_READONLY;
+            }
+        }
         let rc = (w.inner_methods().xShmLock.unwrap())(w.inner, ofst, n, flags);
+        if rc == ffi::SQLITE_OK && (3..8).contains(&ofst) && flags & ffi::SQLITE_SHM_SHARED != 0 {
+            let bits = (((1u16 << n.clamp(0, 8)) - 1) << (ofst - 3)) as u8;
+            if flags & ffi::SQLITE_SHM_LOCK != 0 {
+                w.read_slots |= bits;
+            } else {
+                w.read_slots &= !bits;
+            }
+        }
         if rc == ffi::SQLITE_OK && ofst == 0 && flags == (ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE) {
             if let Some(state) = w.state() {
                 state.write_lock_acquired(wal_index_header(state.wal_index_addr()));
@@ -799,6 +820,112 @@ impl Drop for PrivateDb {
     }
 }
 
+impl PrivateDb {
+    /// Maps shm region `i` (creating it if needed), as a SQLite connection does.
+    fn shm_map(&self, i: u32) -> io::Result<*mut u8> {
+        unsafe {
+            let m = self.methods();
+            if m.iVersion < 2 || m.xShmMap.is_none() {
+                return Err(io::Error::other("the VFS has no shared memory"));
+            }
+            let mut p: *mut c_void = ptr::null_mut();
+            let rc = (m.xShmMap.unwrap())(self.file(), i as c_int, crate::walindex::REGION_SIZE as c_int, 1, &mut p);
+            self.shm_open.set(true);
+            if rc != ffi::SQLITE_OK || p.is_null() {
+                return Err(io::Error::other(format!("cannot map wal-index region {i} (SQLite error {rc})")));
+            }
+            Ok(p as *mut u8)
+        }
+    }
+
+    fn shm_lock(&self, slot: u32, n: u32, flags: c_int) -> c_int {
+        unsafe { (self.methods().xShmLock.unwrap())(self.file(), slot as c_int, n as c_int, flags) }
+    }
+}
+
+/// The replica applier's handle on a database's wal-index: its regions as
+/// atomics (other processes read and write them concurrently) and its locks.
+pub struct ReplicaShm {
+    db: PrivateDb,
+    regions: Vec<usize>,
+}
+
+impl ReplicaShm {
+    pub fn open(db_path: &str) -> io::Result<ReplicaShm> {
+        Ok(ReplicaShm { db: PrivateDb::open(db_path)?, regions: Vec::new() })
+    }
+}
+
+impl crate::walindex::Shm for ReplicaShm {
+    fn region(&mut self, i: u32) -> io::Result<crate::walindex::Region<'_>> {
+        let i = i as usize;
+        if self.regions.len() <= i {
+            self.regions.resize(i + 1, 0);
+        }
+        if self.regions[i] == 0 {
+            self.regions[i] = self.db.shm_map(i as u32)? as usize;
+        }
+        let base = self.regions[i];
+        // SAFETY: the VFS maps each region as 32 KiB of memory, aligned, that stays
+        // mapped until xShmUnmap (in PrivateDb's drop, after these borrows end).
+        // Other processes change it concurrently, so it is only seen as atomics.
+        unsafe {
+            let words = std::slice::from_raw_parts(base as *const std::sync::atomic::AtomicU32, 4096);
+            let hash = std::slice::from_raw_parts((base + 16384) as *const std::sync::atomic::AtomicU16, 8192);
+            Ok(crate::walindex::Region { words, hash })
+        }
+    }
+}
+
+impl crate::apply::ShmLocks for ReplicaShm {
+    fn try_lock(&mut self, slot: u32, n: u32, exclusive: bool) -> io::Result<bool> {
+        if self.regions.is_empty() {
+            crate::walindex::Shm::region(self, 0)?;
+        }
+        let mode = if exclusive { ffi::SQLITE_SHM_EXCLUSIVE } else { ffi::SQLITE_SHM_SHARED };
+        match self.db.shm_lock(slot, n, ffi::SQLITE_SHM_LOCK | mode) {
+            ffi::SQLITE_OK => Ok(true),
+            ffi::SQLITE_BUSY => Ok(false),
+            rc => Err(io::Error::other(format!("cannot take wal-index lock {slot} (SQLite error {rc})"))),
+        }
+    }
+    fn unlock(&mut self, slot: u32, n: u32, exclusive: bool) {
+        let mode = if exclusive { ffi::SQLITE_SHM_EXCLUSIVE } else { ffi::SQLITE_SHM_SHARED };
+        self.db.shm_lock(slot, n, ffi::SQLITE_SHM_UNLOCK | mode);
+    }
+}
+
+/// The replica's files, as `replica.rs` uses them.
+pub struct VfsReplicaFiles {
+    pub db_path: String,
+    conn: std::sync::Mutex<Option<Connection>>,
+}
+
+// SAFETY: the connection is used under the mutex, one thread at a time; SQLite
+// connections may move between threads (SQLite is built threadsafe).
+unsafe impl Send for VfsReplicaFiles {}
+unsafe impl Send for Connection {}
+
+impl VfsReplicaFiles {
+    pub fn new(db_path: &str) -> VfsReplicaFiles {
+        VfsReplicaFiles { db_path: db_path.into(), conn: std::sync::Mutex::new(None) }
+    }
+}
+
+impl crate::replica::ReplicaFiles for VfsReplicaFiles {
+    type Shm = ReplicaShm;
+    fn open_shm(&self) -> io::Result<ReplicaShm> {
+        ReplicaShm::open(&self.db_path)
+    }
+    fn sql(&self, sql: &str) -> Result<Option<String>, String> {
+        let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(Connection::open_unhooked(&self.db_path)?);
+        }
+        g.as_ref().unwrap().query_text(sql)
+    }
+}
+
 impl crate::capture::DbReader for PrivateDb {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         PrivateDb::read_at(self, buf, off)
@@ -817,9 +944,19 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(path: &str) -> Result<Connection, String> {
+        Self::open_vfs(path, VFS_NAME_C.as_ptr())
+    }
+
+    /// A connection through the wrapped VFS: walcast's hooks do not see it
+    /// (the replica applier's own recovery and checkpoints).
+    pub fn open_unhooked(path: &str) -> Result<Connection, String> {
+        Self::open_vfs(path, unsafe { (*inner_vfs()).zName })
+    }
+
+    fn open_vfs(path: &str, vfs: *const c_char) -> Result<Connection, String> {
         let c = CString::new(path).map_err(|_| "path has a NUL byte".to_string())?;
         let mut db = ptr::null_mut();
-        let rc = unsafe { call!(open_v2(c.as_ptr(), &mut db, ffi::SQLITE_OPEN_READWRITE, VFS_NAME_C.as_ptr())) };
+        let rc = unsafe { call!(open_v2(c.as_ptr(), &mut db, ffi::SQLITE_OPEN_READWRITE | ffi::SQLITE_OPEN_CREATE, vfs)) };
         let conn = Connection { db };
         if rc != ffi::SQLITE_OK {
             return Err(conn.errmsg(rc));

@@ -1,0 +1,298 @@
+//! Applying verified transactions to a replica beneath unmodified SQLite readers.
+//!
+//! The applier behaves exactly like a SQLite writer connection (see
+//! `../shared/reference/sqlite-wal.md`): it takes the WAL write lock through the
+//! VFS's shm primitives, restarts the WAL when a checkpoint has backfilled all of
+//! it and no reader uses it, appends frames with SQLite's salts and checksums,
+//! indexes each in the wal-index hash tables, and publishes the transaction by
+//! writing the wal-index header (copy 2, barrier, copy 1). Readers that started
+//! before keep their snapshot; readers that start after see the whole
+//! transaction. Nothing is visible before `commit`, so a transaction whose frames
+//! do not all arrive and verify is never seen.
+
+use crate::wal::{wal_checksum, WalHeader, WAL_FRAME_HEADER_LEN, WAL_HEADER_LEN};
+use crate::walindex::{self, IndexHeader, Shm};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// shm lock slots, as SQLite numbers them.
+pub const WRITE_LOCK: u32 = 0;
+pub const READ_LOCK_1: u32 = 4;
+
+/// The shm lock primitives of a file handle of the applier's own.
+pub trait ShmLocks: Shm {
+    /// Tries to take `n` lock slots from `slot`, without waiting. Ok(false): busy.
+    fn try_lock(&mut self, slot: u32, n: u32, exclusive: bool) -> io::Result<bool>;
+    fn unlock(&mut self, slot: u32, n: u32, exclusive: bool);
+}
+
+#[derive(Debug)]
+pub enum ApplyError {
+    /// Another connection holds the write lock (a checkpoint or a recovering
+    /// reader): try again shortly.
+    Busy,
+    /// The wal-index has no valid header: a SQLite reader must rebuild it.
+    NeedsRecovery,
+    /// The WAL changed beneath the applier: something other than walcast wrote.
+    ForeignWrite(String),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Busy => f.write_str("the WAL write lock is busy"),
+            ApplyError::NeedsRecovery => f.write_str("the wal-index needs recovery"),
+            ApplyError::ForeignWrite(w) => write!(f, "the replica was written without walcast: {w}"),
+            ApplyError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ApplyError {
+    fn from(e: io::Error) -> Self {
+        ApplyError::Io(e)
+    }
+}
+
+/// What the applier last committed, to notice writes made behind its back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Committed {
+    salt: (u32, u32),
+    mx_frame: u32,
+    frame_cksum: (u32, u32),
+}
+
+struct Txn {
+    /// The header as committed before this transaction.
+    base: IndexHeader,
+    /// The header being built.
+    hdr: IndexHeader,
+    /// WAL frames appended so far beyond `base.mx_frame`.
+    frames: u32,
+    running: (u32, u32),
+    buf: Vec<u8>,
+    buf_offset: u64,
+}
+
+pub struct WalAppender<S: ShmLocks> {
+    pub shm: S,
+    wal: File,
+    page_size: u32,
+    txn: Option<Txn>,
+    last: Option<Committed>,
+    /// The salt-2 source for restarts (any value that differs per restart).
+    salt_seed: u32,
+}
+
+/// Bytes of frames buffered before a write to the WAL file.
+const FLUSH_AT: usize = 1 << 20;
+
+impl<S: ShmLocks> WalAppender<S> {
+    pub fn new(shm: S, wal: File, page_size: u32) -> Self {
+        let seed = crate::conf::random_id().map(|b| u32::from_le_bytes(b[0..4].try_into().unwrap())).unwrap_or(0x9e37_79b9);
+        WalAppender { shm, wal, page_size, txn: None, last: None, salt_seed: seed }
+    }
+
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    pub fn in_txn(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// The committed wal-index header, if valid.
+    pub fn header(&mut self) -> io::Result<Option<IndexHeader>> {
+        let r0 = self.shm.region(0)?;
+        for _ in 0..100 {
+            if let Some(h) = walindex::read_header(&r0) {
+                return Ok(Some(h));
+            }
+            std::hint::spin_loop();
+        }
+        Ok(None)
+    }
+
+    /// Frames in the WAL not yet copied into the database file.
+    pub fn unbackfilled(&mut self) -> io::Result<u32> {
+        let Some(h) = self.header()? else { return Ok(0) };
+        let r0 = self.shm.region(0)?;
+        Ok(h.mx_frame.saturating_sub(walindex::n_backfill(&r0)))
+    }
+
+    /// Starts a transaction: takes the WAL write lock and restarts the WAL if
+    /// SQLite's writer would.
+    pub fn begin(&mut self) -> Result<(), ApplyError> {
+        assert!(self.txn.is_none());
+        if !self.shm.try_lock(WRITE_LOCK, 1, true)? {
+            return Err(ApplyError::Busy);
+        }
+        match self.begin_locked() {
+            Ok(t) => {
+                self.txn = Some(t);
+                Ok(())
+            }
+            Err(e) => {
+                self.shm.unlock(WRITE_LOCK, 1, true);
+                Err(e)
+            }
+        }
+    }
+
+    fn begin_locked(&mut self) -> Result<Txn, ApplyError> {
+        let Some(mut hdr) = self.header()? else { return Err(ApplyError::NeedsRecovery) };
+        if hdr.mx_frame > 0 && hdr.page_size != self.page_size {
+            return Err(ApplyError::ForeignWrite(format!("the WAL has {}-byte pages, the replica {}", hdr.page_size, self.page_size)));
+        }
+        if let Some(l) = self.last {
+            let now = Committed { salt: hdr.salt, mx_frame: hdr.mx_frame, frame_cksum: hdr.frame_cksum };
+            // A checkpoint that restarted the WAL (TRUNCATE, RESTART) leaves no
+            // frames and the next salts; anything else is someone else's write.
+            let restarted = hdr.mx_frame == 0 && hdr.salt.0 == l.salt.0.wrapping_add(1);
+            if now != l && !restarted {
+                return Err(ApplyError::ForeignWrite(format!(
+                    "the WAL's last commit moved from frame {} to frame {} since walcast's last transaction",
+                    l.mx_frame, hdr.mx_frame
+                )));
+            }
+        }
+        let mut wal_header = None;
+        let r0 = self.shm.region(0)?;
+        // walRestartLog: once a checkpoint copied every frame and no reader uses
+        // the WAL, start it over instead of letting it grow.
+        let restart = hdr.mx_frame > 0 && walindex::n_backfill(&r0) == hdr.mx_frame;
+        drop(r0);
+        if restart && self.shm.try_lock(READ_LOCK_1, 4, true)? {
+            self.salt_seed = self.salt_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let r0 = self.shm.region(0)?;
+            walindex::restart_header(&r0, &mut hdr, self.salt_seed);
+            drop(r0);
+            self.shm.unlock(READ_LOCK_1, 4, true);
+        }
+        if hdr.mx_frame == 0 {
+            // A new WAL header at offset 0, as walFrames writes for the first frame.
+            let mut old = [0u8; WAL_HEADER_LEN];
+            let n = self.wal.read_at(&mut old, 0).unwrap_or(0);
+            let old = if n == WAL_HEADER_LEN { WalHeader::parse(&old) } else { None };
+            let ckpt_seq = old.map_or(0, |o| o.ckpt_seq.wrapping_add(1));
+            // The salts must differ from the old header's, so that none of its
+            // frames can pass as part of the new WAL.
+            let salt1 = match old {
+                Some(o) if o.salt1 == hdr.salt.0 => hdr.salt.0.wrapping_add(1),
+                _ if hdr.salt == (0, 0) => self.salt_seed | 1,
+                _ => hdr.salt.0,
+            };
+            self.salt_seed = self.salt_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            hdr.salt = (salt1, self.salt_seed);
+            let big = cfg!(target_endian = "big");
+            let mut b = [0u8; WAL_HEADER_LEN];
+            b[0..4].copy_from_slice(&(0x377f_0682u32 | big as u32).to_be_bytes());
+            b[4..8].copy_from_slice(&3_007_000u32.to_be_bytes());
+            b[8..12].copy_from_slice(&self.page_size.to_be_bytes());
+            b[12..16].copy_from_slice(&ckpt_seq.to_be_bytes());
+            b[16..20].copy_from_slice(&hdr.salt.0.to_be_bytes());
+            b[20..24].copy_from_slice(&hdr.salt.1.to_be_bytes());
+            let ck = wal_checksum(big, &b[0..24], (0, 0));
+            b[24..28].copy_from_slice(&ck.0.to_be_bytes());
+            b[28..32].copy_from_slice(&ck.1.to_be_bytes());
+            hdr.big_end_cksum = big;
+            hdr.frame_cksum = ck;
+            hdr.page_size = self.page_size;
+            wal_header = Some(b);
+        }
+        let base = hdr;
+        let mut t = Txn { base, hdr, frames: 0, running: hdr.frame_cksum, buf: Vec::new(), buf_offset: 0 };
+        t.buf_offset = WAL_HEADER_LEN as u64 + base.mx_frame as u64 * (WAL_FRAME_HEADER_LEN as u64 + self.page_size as u64);
+        if let Some(b) = wal_header {
+            self.wal.write_all_at(&b, 0)?;
+        }
+        Ok(t)
+    }
+
+    /// Appends one frame of the transaction in progress; `commit_size` is the
+    /// database size in pages on the transaction's last frame, 0 otherwise.
+    pub fn append(&mut self, page_no: u32, page: &[u8], commit_size: u32) -> Result<(), ApplyError> {
+        let ps = self.page_size as usize;
+        let t = self.txn.as_mut().expect("append outside a transaction");
+        assert_eq!(page.len(), ps);
+        let mut fh = [0u8; WAL_FRAME_HEADER_LEN];
+        fh[0..4].copy_from_slice(&page_no.to_be_bytes());
+        fh[4..8].copy_from_slice(&commit_size.to_be_bytes());
+        fh[8..12].copy_from_slice(&t.hdr.salt.0.to_be_bytes());
+        fh[12..16].copy_from_slice(&t.hdr.salt.1.to_be_bytes());
+        let big = t.hdr.big_end_cksum;
+        let ck = wal_checksum(big, &fh[0..8], t.running);
+        let ck = wal_checksum(big, page, ck);
+        fh[16..20].copy_from_slice(&ck.0.to_be_bytes());
+        fh[20..24].copy_from_slice(&ck.1.to_be_bytes());
+        t.running = ck;
+        t.buf.extend_from_slice(&fh);
+        t.buf.extend_from_slice(page);
+        t.frames += 1;
+        let frame = t.base.mx_frame + t.frames;
+        let base_mx = t.base.mx_frame;
+        if t.buf.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        walindex::append(&mut self.shm, base_mx, frame, page_no)?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let t = self.txn.as_mut().unwrap();
+        if !t.buf.is_empty() {
+            self.wal.write_all_at(&t.buf, t.buf_offset)?;
+            t.buf_offset += t.buf.len() as u64;
+            t.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Makes the transaction visible to readers that start from now on, and
+    /// releases the write lock.
+    pub fn commit(&mut self, commit_size: u32) -> Result<(), ApplyError> {
+        if let Err(e) = self.flush() {
+            self.abort();
+            return Err(e.into());
+        }
+        let t = self.txn.take().expect("commit outside a transaction");
+        let mut h = t.hdr;
+        h.mx_frame = t.base.mx_frame + t.frames;
+        h.n_page = commit_size;
+        h.change = h.change.wrapping_add(1);
+        h.frame_cksum = t.running;
+        h.is_init = true;
+        let r0 = self.shm.region(0)?;
+        walindex::write_header(&r0, &h);
+        drop(r0);
+        self.last = Some(Committed { salt: h.salt, mx_frame: h.mx_frame, frame_cksum: h.frame_cksum });
+        self.shm.unlock(WRITE_LOCK, 1, true);
+        Ok(())
+    }
+
+    /// Drops the transaction in progress: its frames lie past the committed end
+    /// of the WAL, where no reader looks, and the next transaction overwrites them.
+    pub fn abort(&mut self) {
+        if self.txn.take().is_some() {
+            self.shm.unlock(WRITE_LOCK, 1, true);
+        }
+    }
+
+    /// Forgets what the applier last committed (after a legitimate outside
+    /// change, such as a bootstrap that rebuilt the database).
+    pub fn forget_last(&mut self) {
+        self.last = None;
+    }
+
+    pub fn sync_wal(&self) -> io::Result<()> {
+        self.wal.sync_data()
+    }
+}
+
+impl<S: ShmLocks> Drop for WalAppender<S> {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}

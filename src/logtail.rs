@@ -1,0 +1,303 @@
+//! Reading committed units (transactions and base images) out of a replication
+//! log that other threads and processes keep appending to: the publisher follows
+//! its tail, the catch-up server looks frames up in it, snapshots are built from it.
+//!
+//! Only complete units count: a unit is the frames between an optional
+//! generation record and a commit record, and a unit whose commit record is not
+//! yet in the file is not there. Frame checksums are not re-verified here; every
+//! replica verifies the chain of what it receives.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
+use crate::log::{self, CommitRecord, LogFile, COMMIT_LEN, MAX_REASON, RECORDS_START, TAG_COMMIT, TAG_FRAME, TAG_GENERATION, TAG_WAL_EVENT, WAL_EVENT_LEN};
+
+/// Where a reader stands: at a unit boundary, with what is known there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pos {
+    pub offset: u64,
+    pub generation: u64,
+    pub page_size: u32,
+    pub last_frame_no: u64,
+    pub last_checksum: u64,
+    pub db_pages: u32,
+}
+
+/// One complete unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unit {
+    /// Offset of its first F record.
+    pub frames_offset: u64,
+    /// Offset just past its commit record.
+    pub end: u64,
+    pub generation: u64,
+    pub page_size: u32,
+    /// It is the base image that starts `generation`.
+    pub gen_start: bool,
+    pub first_frame_no: u64,
+    /// The checksum of the frame before it.
+    pub prev_checksum: u64,
+    pub commit: CommitRecord,
+}
+
+impl Unit {
+    pub fn frame_count(&self) -> u64 {
+        self.commit.last_frame_no + 1 - self.first_frame_no
+    }
+    pub fn record_len(&self) -> u64 {
+        1 + FRAME_HEADER_LEN as u64 + self.page_size as u64
+    }
+    /// Offset of the F record of `frame_no`, which must be in this unit.
+    pub fn frame_offset(&self, frame_no: u64) -> u64 {
+        self.frames_offset + (frame_no - self.first_frame_no) * self.record_len()
+    }
+}
+
+pub struct LogTail {
+    file: File,
+    pub db_id: [u8; 16],
+    pub seed: u64,
+    pub pos: Pos,
+}
+
+fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("replication log is damaged at byte {off}: {}", what.into()))
+}
+
+impl LogTail {
+    /// Opens a log; `from_start` positions the reader at the first record,
+    /// otherwise at the newest durable point its header records.
+    pub fn open(path: &Path, from_start: bool) -> io::Result<LogTail> {
+        let lf = LogFile::open(path).map_err(|e| io::Error::other(e.to_string()))?;
+        let st = if from_start { lf.id.initial_state() } else { lf.snapshot };
+        let pos = Pos {
+            offset: st.end_offset.max(RECORDS_START),
+            generation: st.generation,
+            page_size: st.page_size,
+            last_frame_no: st.last_frame_no,
+            last_checksum: st.last_checksum,
+            db_pages: st.db_pages,
+        };
+        Ok(LogTail { file: lf.file, db_id: lf.id.db_id, seed: lf.id.seed, pos })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads up to `buf.len()` bytes at `off`; returns how many the file had.
+    fn read_some(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.file.read_at(&mut buf[n..], off + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Finds the next complete unit after `pos` and advances past it (and past
+    /// any WAL event records before it). None when the log holds no further
+    /// complete unit yet.
+    pub fn next_unit(&mut self) -> io::Result<Option<Unit>> {
+        let mut off = self.pos.offset;
+        let mut generation = self.pos.generation;
+        let mut page_size = self.pos.page_size;
+        let mut gen_start = false;
+        let mut frames_offset = None;
+        let mut expect = self.pos.last_frame_no + 1;
+        loop {
+            let mut head = [0u8; 1 + FRAME_HEADER_LEN];
+            let n = self.read_some(&mut head, off)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            match head[0] {
+                TAG_FRAME => {
+                    if n < head.len() {
+                        return Ok(None);
+                    }
+                    if page_size == 0 {
+                        return Err(corrupt(off, "frame before any generation record"));
+                    }
+                    let fh = FrameHeader::decode(head[1..].try_into().unwrap());
+                    if fh.frame_no != expect {
+                        return Err(corrupt(off, format!("expected frame_no {expect}, found {}", fh.frame_no)));
+                    }
+                    frames_offset.get_or_insert(off);
+                    expect += 1;
+                    off += 1 + FRAME_HEADER_LEN as u64 + page_size as u64;
+                }
+                TAG_COMMIT => {
+                    let mut b = [0u8; COMMIT_LEN];
+                    if self.read_some(&mut b, off)? < COMMIT_LEN {
+                        return Ok(None);
+                    }
+                    let c = CommitRecord::decode(&b).ok_or_else(|| corrupt(off, "commit record checksum mismatch"))?;
+                    if c.last_frame_no + 1 != expect {
+                        return Err(corrupt(off, "commit record does not close its frames"));
+                    }
+                    let unit = Unit {
+                        frames_offset: frames_offset.unwrap_or(off),
+                        end: off + COMMIT_LEN as u64,
+                        generation,
+                        page_size,
+                        gen_start,
+                        first_frame_no: self.pos.last_frame_no + 1,
+                        prev_checksum: self.pos.last_checksum,
+                        commit: c,
+                    };
+                    self.pos = Pos {
+                        offset: unit.end,
+                        generation,
+                        page_size,
+                        last_frame_no: unit.commit.last_frame_no,
+                        last_checksum: unit.commit.checksum,
+                        db_pages: unit.commit.size_after,
+                    };
+                    if unit.frame_count() == 0 {
+                        // A commit with no frames carries nothing to replicate.
+                        return self.next_unit();
+                    }
+                    return Ok(Some(unit));
+                }
+                TAG_GENERATION => {
+                    let mut b = vec![0u8; 31 + MAX_REASON + 8];
+                    let n = self.read_some(&mut b, off)?;
+                    if n < 31 {
+                        return Ok(None);
+                    }
+                    let reason_len = u16::from_le_bytes([b[29], b[30]]) as usize;
+                    if reason_len > MAX_REASON {
+                        return Err(corrupt(off, "generation record is malformed"));
+                    }
+                    let len = 31 + reason_len + 8;
+                    if n < len {
+                        return Ok(None);
+                    }
+                    if log::crc(&b[..31 + reason_len]) != u64::from_le_bytes(b[31 + reason_len..len].try_into().unwrap()) {
+                        return Err(corrupt(off, "generation record checksum mismatch"));
+                    }
+                    generation = u64::from_le_bytes(b[1..9].try_into().unwrap());
+                    page_size = u32::from_le_bytes(b[17..21].try_into().unwrap());
+                    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+                        return Err(corrupt(off, format!("invalid page size {page_size}")));
+                    }
+                    gen_start = true;
+                    off += len as u64;
+                }
+                TAG_WAL_EVENT => {
+                    if frames_offset.is_some() || gen_start {
+                        return Err(corrupt(off, "WAL event record inside a transaction"));
+                    }
+                    let mut b = [0u8; WAL_EVENT_LEN];
+                    if self.read_some(&mut b, off)? < WAL_EVENT_LEN {
+                        return Ok(None);
+                    }
+                    off += WAL_EVENT_LEN as u64;
+                    self.pos.offset = off;
+                }
+                t => return Err(corrupt(off, format!("unknown record tag 0x{t:02x}"))),
+            }
+        }
+    }
+
+    /// Calls `each` for the frames `from..=to` of `unit`, in order, reading in
+    /// bounded chunks. Stops early when `each` returns false.
+    pub fn read_frames(&self, unit: &Unit, from: u64, to: u64, mut each: impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>) -> io::Result<()> {
+        let rec = unit.record_len() as usize;
+        let per_read = (crate::wire::CHUNK_BYTES / rec).max(1);
+        let mut buf = vec![0u8; per_read * rec];
+        let mut next = from;
+        while next <= to {
+            let n = ((to - next + 1) as usize).min(per_read);
+            let off = unit.frame_offset(next);
+            let got = self.read_some(&mut buf[..n * rec], off)?;
+            if got < n * rec {
+                return Err(corrupt(off, "log ends inside a committed transaction"));
+            }
+            for i in 0..n {
+                let r = &buf[i * rec..(i + 1) * rec];
+                if r[0] != TAG_FRAME {
+                    return Err(corrupt(off + (i * rec) as u64, "frame record expected"));
+                }
+                let fh = FrameHeader::decode(r[1..1 + FRAME_HEADER_LEN].try_into().unwrap());
+                if fh.frame_no != next + i as u64 {
+                    return Err(corrupt(off + (i * rec) as u64, format!("expected frame_no {}, found {}", next + i as u64, fh.frame_no)));
+                }
+                if !each(&fh, &r[1 + FRAME_HEADER_LEN..])? {
+                    return Ok(());
+                }
+            }
+            next += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The header (without the page) of one frame of `unit`.
+    pub fn frame_header(&self, unit: &Unit, frame_no: u64) -> io::Result<FrameHeader> {
+        let mut head = [0u8; 1 + FRAME_HEADER_LEN];
+        let off = unit.frame_offset(frame_no);
+        if self.read_some(&mut head, off)? < head.len() || head[0] != TAG_FRAME {
+            return Err(corrupt(off, "frame record expected"));
+        }
+        Ok(FrameHeader::decode(head[1..].try_into().unwrap()))
+    }
+
+    /// Reads the page of the F record at `record_offset`.
+    pub fn page_at(&self, record_offset: u64, page: &mut [u8]) -> io::Result<()> {
+        let off = record_offset + 1 + FRAME_HEADER_LEN as u64;
+        if self.read_some(page, off)? < page.len() {
+            return Err(corrupt(off, "log ends inside a page"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LogWriter;
+
+    #[test]
+    fn follows_units_and_ignores_an_unfinished_one() {
+        let dir = std::env::temp_dir().join(format!("walcast-tailtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [3; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 0, &[1; 512]).unwrap();
+        w.add_frame(2, 2, &[2; 512]).unwrap();
+        w.commit(2, None).unwrap();
+        let mut t = LogTail::open(&p, true).unwrap();
+        let u = t.next_unit().unwrap().unwrap();
+        assert!(u.gen_start);
+        assert_eq!((u.first_frame_no, u.commit.last_frame_no, u.generation), (1, 2, 1));
+        assert!(t.next_unit().unwrap().is_none());
+        w.begin_batch();
+        w.add_frame(2, 0, &[3; 512]).unwrap();
+        w.add_frame(3, 3, &[4; 512]).unwrap();
+        // Written but not committed: not a unit yet.
+        assert!(t.next_unit().unwrap().is_none());
+        w.commit(3, None).unwrap();
+        let u2 = t.next_unit().unwrap().unwrap();
+        assert!(!u2.gen_start);
+        assert_eq!(u2.prev_checksum, u.commit.checksum);
+        let mut seen = vec![];
+        t.read_frames(&u2, 4, 4, |h, pg| {
+            seen.push((h.frame_no, h.page_no, pg[0]));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(4, 3, 4)]);
+        assert_eq!(t.frame_header(&u2, 3).unwrap().page_no, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,445 @@
+//! The primary's side of the wire: a publisher thread that follows the
+//! replication log and sends every committed unit on the PUB socket, and a
+//! catch-up server that answers replicas' requests for missed frames and for
+//! snapshots from the same log.
+//!
+//! Neither runs on SQLite's threads: the capture thread wakes the publisher with
+//! a non-blocking channel send after it appends to the log, and the publisher
+//! also looks at the log every few milliseconds, for units other processes
+//! appended. Only one process per database publishes, elected by an exclusive
+//! flock on `<db>-walcast-pub`; when it exits, another takes over.
+
+use crate::frame::FRAME_HEADER_LEN;
+use crate::logtail::{LogTail, Pos, Unit};
+use crate::transport::{Endpoint, PrimarySockets};
+use crate::wire::{self, Body, FramesBuilder, PagesBuilder};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// How often the publisher looks at the log without being woken.
+const POLL: Duration = Duration::from_millis(10);
+/// One index entry per this many log bytes (plus one per generation).
+const INDEX_STRIDE: u64 = 256 << 10;
+const MAX_SNAPSHOTS: usize = 4;
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
+
+/// What the status shows about publishing.
+#[derive(Default)]
+pub struct PublishStats {
+    pub published_frame_no: AtomicU64,
+    pub replicas: Arc<AtomicI64>,
+    /// This process holds the publisher lock and listens.
+    pub listening: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    pub snapshots_served: AtomicU64,
+    pub catchup_requests: AtomicU64,
+}
+
+pub struct Publisher {
+    pub wake: Sender<()>,
+    stop: Arc<AtomicBool>,
+    pub stats: Arc<PublishStats>,
+    pub endpoint: Endpoint,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(PublishStats::default());
+    let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
+    let (s2, st2, ep2, name) = (stop.clone(), stats.clone(), endpoint.clone(), db_path.to_string());
+    let thread = std::thread::Builder::new()
+        .name("walcast-publish".into())
+        .spawn(move || {
+            while !s2.load(Ordering::Acquire) {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher_thread(&name, &log_path, &lock_path, &ep2, &rx, &s2, &st2)));
+                if r.is_err() {
+                    crate::primary::report(&format!("{name}: internal error in the publisher; restarting it"));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        })
+        .ok();
+    Publisher { wake: tx, stop, stats, endpoint, thread }
+}
+
+fn set_error(stats: &PublishStats, name: &str, e: Option<String>) {
+    let mut g = stats.last_error.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(m) = &e {
+        if g.as_ref() != Some(m) {
+            crate::primary::report(&format!("{name}: {m}"));
+        }
+    }
+    *g = e;
+}
+
+fn publisher_thread(name: &str, log_path: &std::path::Path, lock_path: &std::path::Path, ep: &Endpoint, rx: &Receiver<()>, stop: &AtomicBool, stats: &Arc<PublishStats>) {
+    // Elect this process, or wait for the one that publishes to go away.
+    let lock = match File::options().create(true).truncate(false).write(true).open(lock_path) {
+        Ok(f) => f,
+        Err(e) => {
+            set_error(stats, name, Some(format!("cannot open {}: {e}", lock_path.display())));
+            std::thread::sleep(Duration::from_secs(1));
+            return;
+        }
+    };
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(_) => {
+                let _ = rx.recv_timeout(Duration::from_millis(250));
+            }
+        }
+    }
+    let sockets = match PrimarySockets::listen(ep) {
+        Ok(s) => s,
+        Err(e) => {
+            set_error(stats, name, Some(e));
+            drop(lock);
+            let _ = rx.recv_timeout(Duration::from_secs(1));
+            return;
+        }
+    };
+    let mut tail = match LogTail::open(log_path, false) {
+        Ok(t) => t,
+        Err(e) => {
+            set_error(stats, name, Some(format!("cannot read {}: {e}", log_path.display())));
+            let _ = rx.recv_timeout(Duration::from_secs(1));
+            return;
+        }
+    };
+    // Only what is committed from now on goes out live; replicas fetch older
+    // frames through catch-up.
+    loop {
+        match tail.next_unit() {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
+                let _ = rx.recv_timeout(Duration::from_secs(1));
+                return;
+            }
+        }
+    }
+    set_error(stats, name, None);
+    stats.replicas.store(0, Ordering::Release);
+    let replicas = sockets.replicas.clone();
+    stats.listening.store(true, Ordering::Release);
+    stats.published_frame_no.store(tail.pos.last_frame_no, Ordering::Release);
+
+    let server_stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (sock, path, st, ss, n) = (sockets.catchup.clone(), log_path.to_path_buf(), stats.clone(), server_stop.clone(), name.to_string());
+        std::thread::Builder::new().name("walcast-catchup".into()).spawn(move || {
+            while !ss.load(Ordering::Acquire) {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_catchup(&n, &sock, &path, &ss, &st)));
+                if r.is_err() {
+                    crate::primary::report(&format!("{n}: internal error in the catch-up server; restarting it"));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        })
+    };
+
+    let mut last_beat = Instant::now() - HEARTBEAT_EVERY;
+    while !stop.load(Ordering::Acquire) {
+        let _ = rx.recv_timeout(POLL);
+        let mut sent_any = false;
+        loop {
+            match tail.next_unit() {
+                Ok(Some(u)) => {
+                    if let Err(e) = publish_unit(&sockets, &tail, &u) {
+                        set_error(stats, name, Some(format!("publishing failed: {e}")));
+                    }
+                    stats.published_frame_no.store(u.commit.last_frame_no, Ordering::Release);
+                    sent_any = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
+                    let _ = rx.recv_timeout(Duration::from_secs(1));
+                    break;
+                }
+            }
+        }
+        stats.replicas.store(replicas.load(Ordering::Acquire), Ordering::Release);
+        if sent_any || last_beat.elapsed() >= HEARTBEAT_EVERY {
+            let p = tail.pos;
+            let hb = wire::heartbeat(tail.db_id, p.generation, p.last_frame_no, p.last_checksum, crate::log::now_ms());
+            let _ = sockets.publish.send(&hb[..]);
+            last_beat = Instant::now();
+        }
+    }
+    server_stop.store(true, Ordering::Release);
+    if let Ok(t) = server {
+        let _ = t.join();
+    }
+    stats.listening.store(false, Ordering::Release);
+    drop(sockets);
+    drop(lock);
+}
+
+/// Sends one unit, in chunks of at most `wire::CHUNK_BYTES` of pages.
+fn publish_unit(sockets: &PrimarySockets, tail: &LogTail, u: &Unit) -> io::Result<()> {
+    let mut fb = FramesBuilder::new(tail.db_id, u.generation, if u.gen_start { wire::FLAG_GENERATION_START } else { 0 }, u.commit.last_frame_no, u.page_size);
+    tail.read_frames(u, u.first_frame_no, u.commit.last_frame_no, |h, page| {
+        if fb.full() {
+            let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, u.generation, 0, u.commit.last_frame_no, u.page_size));
+            // A full queue drops the message: the replica sees the gap and catches up.
+            let _ = sockets.publish.send(&full.finish()[..]);
+        }
+        fb.push(h, page);
+        Ok(true)
+    })?;
+    let _ = sockets.publish.send(&fb.finish()[..]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Catch-up server
+
+/// A sparse index of the log's units, so that a frame is found without reading
+/// the whole log: one entry per `INDEX_STRIDE` bytes and per generation.
+struct Index {
+    tail: LogTail,
+    /// (first frame_no of the unit at this position, position before that unit)
+    entries: Vec<(u64, Pos)>,
+    /// Position before the current generation's base image.
+    gen_start: Option<Pos>,
+    last_entry_offset: u64,
+}
+
+impl Index {
+    fn open(path: &std::path::Path) -> io::Result<Index> {
+        Ok(Index { tail: LogTail::open(path, true)?, entries: Vec::new(), gen_start: None, last_entry_offset: 0 })
+    }
+
+    fn refresh(&mut self) -> io::Result<()> {
+        loop {
+            let before = self.tail.pos;
+            let Some(u) = self.tail.next_unit()? else { return Ok(()) };
+            // `before` may sit on WAL event records: position the entry at them
+            // (next_unit skips them again).
+            if u.gen_start {
+                self.gen_start = Some(before);
+            }
+            if u.gen_start || self.entries.is_empty() || u.frames_offset - self.last_entry_offset >= INDEX_STRIDE {
+                self.entries.push((u.first_frame_no, before));
+                self.last_entry_offset = u.frames_offset;
+            }
+        }
+    }
+
+    fn last(&self) -> Pos {
+        self.tail.pos
+    }
+
+    /// A reader positioned just before the unit that holds `frame_no`, and that unit.
+    fn find(&self, path: &std::path::Path, frame_no: u64) -> io::Result<Option<(LogTail, Unit)>> {
+        let i = self.entries.partition_point(|(first, _)| *first <= frame_no);
+        if i == 0 {
+            return Ok(None);
+        }
+        let mut t = LogTail::open(path, true)?;
+        t.pos = self.entries[i - 1].1;
+        while let Some(u) = t.next_unit()? {
+            if u.commit.last_frame_no >= frame_no {
+                return Ok(Some((t, u)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+struct Snapshot {
+    id: u64,
+    frame_no: u64,
+    checksum: u64,
+    generation: u64,
+    page_size: u32,
+    db_pages: u32,
+    /// Offset of the F record holding each page's newest image (index page_no - 1; 0 = none).
+    pages: Vec<u64>,
+    used: Instant,
+}
+
+fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &AtomicBool, stats: &PublishStats) {
+    let mut index = match Index::open(path) {
+        Ok(i) => i,
+        Err(e) => {
+            set_error(stats, name, Some(format!("catch-up server cannot read {}: {e}", path.display())));
+            std::thread::sleep(Duration::from_secs(1));
+            return;
+        }
+    };
+    let mut snapshots: VecDeque<Snapshot> = VecDeque::new();
+    let mut next_snapshot_id = crate::log::now_ms();
+    while !stop.load(Ordering::Acquire) {
+        let msg = match sock.recv() {
+            Ok(m) => m,
+            Err(nng::Error::TimedOut) => continue,
+            Err(nng::Error::Closed) => return,
+            Err(_) => continue,
+        };
+        stats.catchup_requests.fetch_add(1, Ordering::Relaxed);
+        snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
+        let reply = match index.refresh() {
+            Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
+            Ok(()) => match answer(&index, path, &msg, &mut snapshots, &mut next_snapshot_id, stats) {
+                Ok(r) => r,
+                Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
+            },
+        };
+        let _ = sock.send(&reply[..]);
+    }
+}
+
+fn answer(index: &Index, path: &std::path::Path, msg: &[u8], snapshots: &mut VecDeque<Snapshot>, next_id: &mut u64, stats: &PublishStats) -> Result<Vec<u8>, String> {
+    let (h, body) = wire::decode(msg).map_err(|e| format!("bad request: {e}"))?;
+    let db_id = index.tail.db_id;
+    let last = index.last();
+    let need = |why: String| Ok(wire::need_snapshot(db_id, last.generation, &why));
+    match body {
+        Body::ReqFrames { after_frame_no: n, after_checksum: c } => {
+            if h.db_id == [0; 16] {
+                return need("the replica is new".into());
+            }
+            if h.db_id != db_id {
+                return need(format!(
+                    "the replica belongs to another database (db_id {}, the primary's is {})",
+                    crate::log::hex(&h.db_id),
+                    crate::log::hex(&db_id)
+                ));
+            }
+            if n > last.last_frame_no {
+                return need(format!("the replica is ahead of the primary (replica at frame_no {n}, primary at {})", last.last_frame_no));
+            }
+            if n == last.last_frame_no {
+                if c != last.last_checksum {
+                    return need(format!("the replica's history differs from the primary's at frame_no {n}"));
+                }
+                return Ok(FramesBuilder::new(db_id, last.generation, 0, last.last_frame_no, last.page_size.max(512)).finish());
+            }
+            let Some((mut t, mut u)) = index.find(path, n + 1).map_err(|e| e.to_string())? else {
+                return need(format!("frame_no {} is outside the log's window", n + 1));
+            };
+            let at_n = if n + 1 == u.first_frame_no { u.prev_checksum } else { t.frame_header(&u, n).map_err(|e| e.to_string())?.checksum };
+            if at_n != c {
+                return need(format!("the replica's history differs from the primary's at frame_no {n}"));
+            }
+            let flags = if u.gen_start && n + 1 == u.first_frame_no { wire::FLAG_GENERATION_START } else { 0 };
+            let mut fb = FramesBuilder::new(db_id, u.generation, flags, last.last_frame_no, u.page_size);
+            let mut from = n + 1;
+            loop {
+                let mut full = false;
+                t.read_frames(&u, from, u.commit.last_frame_no, |fh, page| {
+                    if fb.full() {
+                        full = true;
+                        return Ok(false);
+                    }
+                    fb.push(fh, page);
+                    Ok(true)
+                })
+                .map_err(|e| e.to_string())?;
+                if full {
+                    break;
+                }
+                // Continue with the next unit of the same generation, if it fits.
+                match t.next_unit().map_err(|e| e.to_string())? {
+                    Some(next) if !next.gen_start && next.generation == u.generation && !fb.full() => {
+                        from = next.first_frame_no;
+                        u = next;
+                    }
+                    _ => break,
+                }
+            }
+            Ok(fb.finish())
+        }
+        Body::ReqSnapshot => {
+            let snap = build_snapshot(index, path, *next_id).map_err(|e| format!("cannot build a snapshot: {e}"))?;
+            *next_id += 1;
+            stats.snapshots_served.fetch_add(1, Ordering::Relaxed);
+            let reply = wire::snapshot(db_id, snap.generation, snap.id, snap.frame_no, snap.checksum, snap.page_size, snap.db_pages);
+            if snapshots.len() >= MAX_SNAPSHOTS {
+                snapshots.pop_front();
+            }
+            snapshots.push_back(snap);
+            Ok(reply)
+        }
+        Body::ReqPages { snapshot_id, from_page } => {
+            let Some(s) = snapshots.iter_mut().find(|s| s.id == snapshot_id) else {
+                return Ok(wire::error(db_id, last.generation, &format!("snapshot {snapshot_id} expired; start a new one")));
+            };
+            s.used = Instant::now();
+            let t = LogTail::open(path, true).map_err(|e| e.to_string())?;
+            let mut pb = PagesBuilder::new(db_id, s.generation, s.id, s.page_size);
+            let mut page = vec![0u8; s.page_size as usize];
+            let mut p = from_page.max(1);
+            while p <= s.db_pages && !pb.full() {
+                let off = s.pages.get(p as usize - 1).copied().unwrap_or(0);
+                if off != 0 {
+                    t.page_at(off, &mut page).map_err(|e| e.to_string())?;
+                    pb.push(p, &page);
+                }
+                p += 1;
+            }
+            Ok(pb.finish(p))
+        }
+        _ => Err("not a request".into()),
+    }
+}
+
+/// The newest image of every page of the current generation, as log offsets.
+fn build_snapshot(index: &Index, path: &std::path::Path, id: u64) -> io::Result<Snapshot> {
+    let last = index.last();
+    let Some(start) = index.gen_start else { return Err(io::Error::other("the log holds no base image yet")) };
+    let mut t = LogTail::open(path, true)?;
+    t.pos = start;
+    let mut pages: Vec<u64> = Vec::new();
+    let mut end = start;
+    while t.pos.last_frame_no < last.last_frame_no {
+        let Some(u) = t.next_unit()? else { break };
+        t.read_frames(&u, u.first_frame_no, u.commit.last_frame_no, |fh, _| {
+            let i = fh.page_no as usize - 1;
+            if i >= pages.len() {
+                pages.resize(i + 1, 0);
+            }
+            pages[i] = u.frame_offset(fh.frame_no);
+            Ok(true)
+        })?;
+        end = t.pos;
+    }
+    pages.truncate(end.db_pages as usize);
+    let _ = FRAME_HEADER_LEN;
+    Ok(Snapshot {
+        id,
+        frame_no: end.last_frame_no,
+        checksum: end.last_checksum,
+        generation: end.generation,
+        page_size: end.page_size,
+        db_pages: end.db_pages,
+        pages,
+        used: Instant::now(),
+    })
+}

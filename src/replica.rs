@@ -1,0 +1,877 @@
+//! The replica role: one process per replica database (elected by an flock on
+//! `<db>-walcast-applier`) subscribes to the primary, verifies every frame
+//! (database id, generation, frame_no sequence, checksum chain), and applies
+//! whole transactions through `apply.rs`. Gaps, duplicates, damaged messages and
+//! divergent histories are repaired through catch-up requests, or a snapshot.
+//!
+//! Files beside the replica database:
+//! - `<db>-walcast-replica`: the applied position (db_id, generation, frame_no,
+//!   checksum, page size), rewritten after every transaction.
+//! - `<db>-walcast-status`: the applier's status, for other processes.
+
+use crate::apply::{ApplyError, ShmLocks, WalAppender};
+use crate::frame::FrameHeader;
+use crate::log::{hex, now_ms};
+use crate::transport::{parse_endpoint, Endpoint, ReplicaSockets};
+use crate::wire::{self, Body, Header};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// No message for this long: the link is reported down.
+const SILENCE: Duration = Duration::from_secs(3);
+/// How often a process that does not apply tries to take over.
+const TAKEOVER_POLL: Duration = Duration::from_millis(200);
+/// Checkpoint the replica's WAL once it holds this many frames not yet copied.
+const CHECKPOINT_FRAMES: u32 = 1000;
+
+/// What the files of the replica look like to the applier: implemented over the
+/// VFS in `vfs.rs`.
+pub trait ReplicaFiles: Send {
+    type Shm: ShmLocks;
+    /// The applier's own shm handle on the database.
+    fn open_shm(&self) -> io::Result<Self::Shm>;
+    /// Runs SQL on a private connection (through the wrapped VFS, not walcast's);
+    /// returns the first column of the first row.
+    fn sql(&self, sql: &str) -> Result<Option<String>, String>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub db_id: [u8; 16],
+    pub generation: u64,
+    pub frame_no: u64,
+    pub checksum: u64,
+    pub page_size: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub state: &'static str,
+    pub position: Option<Position>,
+    pub primary_frame_no: u64,
+    pub last_error: Option<String>,
+    pub last_message: Option<Instant>,
+    pub behind_since: Option<Instant>,
+    pub applier: bool,
+    pub bootstraps: u64,
+    pub catchups: u64,
+    pub rejected: u64,
+}
+
+/// Shared between the SQL side (status, wait, endpoint changes) and the thread.
+pub struct Shared {
+    pub db_path: String,
+    pub endpoint: Mutex<Option<String>>,
+    pub status: Mutex<Status>,
+    applied: Mutex<u64>,
+    applied_cv: Condvar,
+    /// Bumped when the endpoint changes: the session restarts.
+    config_seq: AtomicU64,
+    stop: AtomicBool,
+    wake: (crossbeam_channel::Sender<()>, crossbeam_channel::Receiver<()>),
+}
+
+impl Shared {
+    pub fn new(db_path: &str, endpoint: Option<String>) -> Arc<Shared> {
+        Arc::new(Shared {
+            db_path: db_path.into(),
+            endpoint: Mutex::new(endpoint),
+            status: Mutex::new(Status { state: "disconnected", ..Default::default() }),
+            applied: Mutex::new(0),
+            applied_cv: Condvar::new(),
+            config_seq: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            wake: crossbeam_channel::bounded(1),
+        })
+    }
+
+    pub fn set_endpoint(&self, ep: Option<String>) {
+        *self.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = ep;
+        self.config_seq.fetch_add(1, Ordering::AcqRel);
+        self.poke();
+    }
+
+    pub fn poke(&self) {
+        let _ = self.wake.0.try_send(());
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.poke();
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_applied(&self, frame_no: u64) {
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = frame_no;
+        self.applied_cv.notify_all();
+    }
+
+    /// The applied frame_no, from this process's applier or from the position
+    /// file another process's applier writes.
+    pub fn applied_frame_no(&self) -> u64 {
+        let st = self.status();
+        if st.applier {
+            return st.position.map_or(0, |p| p.frame_no);
+        }
+        drop(st);
+        load_position(&position_path(&self.db_path)).map_or(0, |(p, _)| p.frame_no)
+    }
+
+    /// Waits until `frame_no` is applied; false at the timeout.
+    pub fn wait_for(&self, frame_no: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.applied_frame_no() >= frame_no {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let left = deadline - now;
+            if self.status().applier {
+                let g = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = self.applied_cv.wait_timeout_while(g, left.min(Duration::from_millis(50)), |a| *a < frame_no);
+            } else {
+                // Another process applies: its position file is the signal.
+                std::thread::sleep(left.min(Duration::from_millis(1)));
+            }
+        }
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let st = self.status();
+        if !st.applier {
+            // Another process applies: report what it last wrote.
+            let mut v = std::fs::read(status_path(&self.db_path))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .unwrap_or_else(|| serde_json::json!({"state": "disconnected", "last_error": "no process applies to this replica now"}));
+            if let Some((p, _)) = load_position(&position_path(&self.db_path)) {
+                v["applied_frame_no"] = p.frame_no.into();
+            }
+            v["applier_in_this_process"] = false.into();
+            return v;
+        }
+        status_value(&st, self.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn status_value(st: &Status, endpoint: Option<String>) -> serde_json::Value {
+    let applied = st.position.map_or(0, |p| p.frame_no);
+    let lag = st.primary_frame_no.saturating_sub(applied);
+    serde_json::json!({
+        "role": "replica",
+        "state": st.state,
+        "endpoint": endpoint,
+        "applied_frame_no": applied,
+        "primary_frame_no": st.primary_frame_no,
+        "lag_frames": lag,
+        "lag_ms": if lag == 0 { 0 } else { st.behind_since.map_or(0, |t| t.elapsed().as_millis() as u64) },
+        "ms_since_last_message": st.last_message.map(|t| t.elapsed().as_millis() as u64),
+        "last_error": st.last_error,
+        "db_id": st.position.map(|p| hex(&p.db_id)),
+        "generation": st.position.map(|p| p.generation),
+        "checksum": st.position.map(|p| format!("{:016x}", p.checksum)),
+        "page_size": st.position.map(|p| p.page_size),
+        "bootstraps": st.bootstraps,
+        "catch_ups": st.catchups,
+        "rejected_messages": st.rejected,
+        "applier_pid": std::process::id(),
+        "applier_in_this_process": st.applier,
+        "updated_unix_ms": now_ms(),
+    })
+}
+
+pub fn position_path(db: &str) -> PathBuf {
+    PathBuf::from(format!("{db}-walcast-replica"))
+}
+
+fn status_path(db: &str) -> PathBuf {
+    PathBuf::from(format!("{db}-walcast-status"))
+}
+
+// ---------------------------------------------------------------------------
+// The position file: 8 magic, 16 db_id, 8 generation, 8 frame_no, 8 checksum,
+// 4 page size, 1 synced flag, 36 boot id, 8 CRC-64.
+
+const POS_MAGIC: &[u8; 8] = b"WCREPL1\0";
+const POS_LEN: usize = 8 + 16 + 8 + 8 + 8 + 4 + 1 + 36 + 8;
+
+fn boot_id() -> [u8; 36] {
+    let mut b = [b'?'; 36];
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let s = s.trim().as_bytes();
+        let n = s.len().min(36);
+        b[..n].copy_from_slice(&s[..n]);
+    }
+    b
+}
+
+fn encode_position(p: &Position, synced: bool) -> [u8; POS_LEN] {
+    let mut b = [0u8; POS_LEN];
+    b[0..8].copy_from_slice(POS_MAGIC);
+    b[8..24].copy_from_slice(&p.db_id);
+    b[24..32].copy_from_slice(&p.generation.to_le_bytes());
+    b[32..40].copy_from_slice(&p.frame_no.to_le_bytes());
+    b[40..48].copy_from_slice(&p.checksum.to_le_bytes());
+    b[48..52].copy_from_slice(&p.page_size.to_le_bytes());
+    b[52] = synced as u8;
+    b[53..89].copy_from_slice(&boot_id());
+    let c = crate::log::crc(&b[..89]);
+    b[89..97].copy_from_slice(&c.to_le_bytes());
+    b
+}
+
+/// The recorded position, and whether it can be trusted: it can when the WAL
+/// was synced up to it, or when the machine has not restarted since (a process
+/// crash loses nothing the kernel already has).
+pub fn load_position(path: &Path) -> Option<(Position, bool)> {
+    let b = std::fs::read(path).ok()?;
+    if b.len() != POS_LEN || &b[0..8] != POS_MAGIC || crate::log::crc(&b[..89]) != u64::from_le_bytes(b[89..97].try_into().unwrap()) {
+        return None;
+    }
+    let p = Position {
+        db_id: b[8..24].try_into().unwrap(),
+        generation: u64::from_le_bytes(b[24..32].try_into().unwrap()),
+        frame_no: u64::from_le_bytes(b[32..40].try_into().unwrap()),
+        checksum: u64::from_le_bytes(b[40..48].try_into().unwrap()),
+        page_size: u32::from_le_bytes(b[48..52].try_into().unwrap()),
+    };
+    let trusted = b[52] == 1 || b[53..89] == boot_id();
+    Some((p, trusted))
+}
+
+fn save_position(f: &File, p: &Position, synced: bool) -> io::Result<()> {
+    f.write_all_at(&encode_position(p, synced), 0)?;
+    if synced {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The thread
+
+/// Runs the replica role for one database until `Shared::stop`.
+pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() -> bool) {
+    let lock_path = format!("{}-walcast-applier", shared.db_path);
+    while !shared.stop.load(Ordering::Acquire) {
+        if !is_open() {
+            let _ = shared.wake.1.recv_timeout(Duration::from_millis(500));
+            continue;
+        }
+        let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
+            Ok(f) => f,
+            Err(e) => {
+                set_error(&shared, "error", format!("cannot open {lock_path}: {e}"));
+                let _ = shared.wake.1.recv_timeout(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if lock.try_lock().is_err() {
+            shared.status().applier = false;
+            let _ = shared.wake.1.recv_timeout(TAKEOVER_POLL);
+            continue;
+        }
+        shared.status().applier = true;
+        let seq = shared.config_seq.load(Ordering::Acquire);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut s = Session::new(&shared, &files, seq);
+            s.run(&is_open);
+        }));
+        if r.is_err() {
+            set_error(&shared, "error", "internal error in the replica thread; restarting it".into());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        shared.status().applier = false;
+        drop(lock);
+    }
+}
+
+fn set_error(shared: &Shared, state: &'static str, msg: String) {
+    let mut st = shared.status();
+    if st.last_error.as_ref() != Some(&msg) {
+        crate::primary::report(&format!("{} (replica): {msg}", shared.db_path));
+    }
+    st.state = state;
+    st.last_error = Some(msg);
+}
+
+enum Outcome {
+    Applied,
+    /// Frames are missing before these: catch up.
+    Gap,
+    /// Something refused; the reason is recorded.
+    Rejected(String),
+}
+
+struct Pending {
+    next_frame: u64,
+    prev_checksum: u64,
+    generation: u64,
+}
+
+struct Session<'a, F: ReplicaFiles> {
+    shared: &'a Shared,
+    files: &'a F,
+    seq: u64,
+    app: Option<WalAppender<F::Shm>>,
+    pos: Option<Position>,
+    pending: Option<Pending>,
+    pos_file: Option<File>,
+    need_catchup: bool,
+    last_checkpoint: Instant,
+    last_status_write: Instant,
+    faults: Faults,
+}
+
+impl<'a, F: ReplicaFiles> Session<'a, F> {
+    fn new(shared: &'a Shared, files: &'a F, seq: u64) -> Self {
+        Session {
+            shared,
+            files,
+            seq,
+            app: None,
+            pos: None,
+            pending: None,
+            pos_file: None,
+            need_catchup: true,
+            last_checkpoint: Instant::now(),
+            last_status_write: Instant::now() - Duration::from_secs(1),
+            faults: Faults::from_env(),
+        }
+    }
+
+    fn db(&self) -> &str {
+        &self.shared.db_path
+    }
+
+    fn state(&self, state: &'static str) {
+        self.shared.status().state = state;
+    }
+
+    fn run(&mut self, is_open: &dyn Fn() -> bool) {
+        let ep = self.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(url) = ep else {
+            set_error(self.shared, "disconnected", "no endpoint: set PRAGMA walcast_endpoint = 'tcp://HOST:PORT' (the primary's)".into());
+            let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
+            return;
+        };
+        let ep = match parse_endpoint(&url) {
+            Ok(e) => e,
+            Err(e) => {
+                set_error(self.shared, "error", e);
+                let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
+                return;
+            }
+        };
+        let socks = match ReplicaSockets::dial(&ep) {
+            Ok(s) => s,
+            Err(e) => {
+                set_error(self.shared, "error", e);
+                let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
+                return;
+            }
+        };
+        let _ = nng::options::Options::set_opt::<nng::options::RecvTimeout>(&socks.subscribe, Some(Duration::from_millis(100)));
+        if let Err(e) = self.open_files() {
+            set_error(self.shared, "error", e);
+            let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
+            return;
+        }
+        let mut retry_at = Instant::now();
+        while !self.shared.stop.load(Ordering::Acquire) && is_open() && self.shared.config_seq.load(Ordering::Acquire) == self.seq {
+            if self.need_catchup && Instant::now() >= retry_at {
+                match self.catch_up(&socks, &ep) {
+                    Ok(()) => self.need_catchup = false,
+                    Err(e) => {
+                        let down = e.contains("no catch-up reply") || e.contains("not sent");
+                        set_error(self.shared, if down { "disconnected" } else { "error" }, e);
+                        retry_at = Instant::now() + Duration::from_millis(500);
+                    }
+                }
+            }
+            match socks.subscribe.recv() {
+                Ok(msg) => {
+                    for m in self.faults.filter(msg.as_slice().to_vec()) {
+                        self.on_message(&m);
+                    }
+                }
+                Err(nng::Error::TimedOut) => {}
+                Err(e) => {
+                    set_error(self.shared, "disconnected", format!("receive failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            self.housekeeping();
+        }
+        self.shutdown();
+    }
+
+    /// The position and the database's page size, at the start of a session.
+    fn open_files(&mut self) -> Result<(), String> {
+        let pp = position_path(self.db());
+        let f = File::options().read(true).write(true).create(true).truncate(false).open(&pp).map_err(|e| format!("cannot open {}: {e}", pp.display()))?;
+        self.pos_file = Some(f);
+        self.pos = match load_position(&pp) {
+            Some((p, true)) => Some(p),
+            Some((_, false)) => {
+                crate::primary::report(&format!(
+                    "{}: the machine restarted since the replica last synced its WAL; it bootstraps again rather than trust what the crash may have lost",
+                    self.db()
+                ));
+                None
+            }
+            None => None,
+        };
+        if let Some(p) = self.pos {
+            self.open_appender(p.page_size)?;
+            self.shared.set_applied(p.frame_no);
+        }
+        let mut st = self.shared.status();
+        st.position = self.pos;
+        st.state = "catching_up";
+        Ok(())
+    }
+
+    fn open_appender(&mut self, page_size: u32) -> Result<(), String> {
+        if self.app.as_ref().map(|a| a.page_size()) == Some(page_size) {
+            return Ok(());
+        }
+        self.app = None;
+        let shm = self.files.open_shm().map_err(|e| format!("cannot open the wal-index of {}: {e}", self.db()))?;
+        let wal_path = format!("{}-wal", self.db());
+        let wal = File::options().read(true).write(true).create(true).truncate(false).open(&wal_path).map_err(|e| format!("cannot open {wal_path}: {e}"))?;
+        self.app = Some(WalAppender::new(shm, wal, page_size));
+        Ok(())
+    }
+
+    fn on_message(&mut self, m: &[u8]) {
+        self.shared.status().last_message = Some(Instant::now());
+        let (h, body) = match wire::decode(m) {
+            Ok(x) => x,
+            Err(e) => {
+                self.reject(format!("discarded a message: {e}"));
+                return;
+            }
+        };
+        match body {
+            Body::Heartbeat { last_frame_no, last_checksum, .. } => {
+                self.note_primary(last_frame_no);
+                let Some(p) = self.pos else { return };
+                if h.db_id != p.db_id {
+                    self.need_catchup = true;
+                } else if self.pending.is_some() || last_frame_no > p.frame_no {
+                    // Everything published before the heartbeat has arrived by
+                    // now, or was lost.
+                    self.abort_pending();
+                    self.need_catchup = true;
+                } else if last_frame_no == p.frame_no && last_checksum != p.checksum {
+                    self.need_catchup = true;
+                } else if !self.need_catchup {
+                    self.state("streaming");
+                }
+            }
+            Body::Frames { primary_last, page_size, frames } => {
+                self.note_primary(primary_last);
+                if self.need_catchup {
+                    return;
+                }
+                match self.apply_frames(&h, page_size, &frames) {
+                    Outcome::Applied => {
+                        if !self.need_catchup {
+                            self.state("streaming");
+                        }
+                    }
+                    Outcome::Gap => self.need_catchup = true,
+                    Outcome::Rejected(why) => self.reject(why),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reject(&mut self, why: String) {
+        self.shared.status().rejected += 1;
+        set_error(self.shared, "catching_up", why);
+        self.abort_pending();
+        self.need_catchup = true;
+    }
+
+    fn note_primary(&self, last: u64) {
+        let mut st = self.shared.status();
+        st.primary_frame_no = st.primary_frame_no.max(last);
+        let applied = st.position.map_or(0, |p| p.frame_no);
+        if st.primary_frame_no > applied {
+            st.behind_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn abort_pending(&mut self) {
+        if self.pending.take().is_some() {
+            if let Some(a) = self.app.as_mut() {
+                a.abort();
+            }
+        }
+    }
+
+    /// Verifies frames and applies every transaction they complete.
+    fn apply_frames(&mut self, h: &Header, page_size: u32, frames: &[(FrameHeader, &[u8])]) -> Outcome {
+        let Some(pos) = self.pos else { return Outcome::Gap };
+        if h.db_id != pos.db_id {
+            return Outcome::Rejected(format!("refused frames of another database (db_id {}; this replica follows {})", hex(&h.db_id), hex(&pos.db_id)));
+        }
+        let current_gen = self.pending.as_ref().map_or(pos.generation, |p| p.generation);
+        if h.generation < current_gen {
+            return Outcome::Rejected(format!("refused frames of old generation {} (the replica is at generation {current_gen})", h.generation));
+        }
+        if page_size != pos.page_size {
+            return Outcome::Rejected(format!("refused frames with {page_size}-byte pages (the replica has {}-byte pages)", pos.page_size));
+        }
+        let (mut expected, mut prev) = match &self.pending {
+            Some(p) => (p.next_frame, p.prev_checksum),
+            None => (pos.frame_no + 1, pos.checksum),
+        };
+        for (i, (fh, page)) in frames.iter().enumerate() {
+            if fh.frame_no < expected {
+                continue; // a duplicate of what is applied or pending
+            }
+            if fh.frame_no > expected {
+                self.abort_pending();
+                return Outcome::Gap;
+            }
+            if self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0) {
+                self.abort_pending();
+                return Outcome::Gap;
+            }
+            if !fh.chains_from(prev, page) {
+                self.abort_pending();
+                return Outcome::Rejected(format!("refused frame_no {}: checksum chain broken (a bad frame is never applied)", fh.frame_no));
+            }
+            if fh.page_no == 0 {
+                self.abort_pending();
+                return Outcome::Rejected(format!("refused frame_no {}: page_no 0", fh.frame_no));
+            }
+            if self.pending.is_none() {
+                if let Err(e) = self.begin() {
+                    return Outcome::Rejected(e);
+                }
+                self.pending = Some(Pending { next_frame: expected, prev_checksum: prev, generation: h.generation });
+            }
+            let app = self.app.as_mut().unwrap();
+            if let Err(e) = app.append(fh.page_no, page, fh.size_after) {
+                self.abort_pending();
+                return Outcome::Rejected(format!("cannot write the replica's WAL: {e}"));
+            }
+            prev = fh.checksum;
+            expected += 1;
+            let p = self.pending.as_mut().unwrap();
+            p.next_frame = expected;
+            p.prev_checksum = prev;
+            if fh.size_after != 0 {
+                let generation = p.generation;
+                if let Err(e) = self.app.as_mut().unwrap().commit(fh.size_after) {
+                    self.pending = None;
+                    return Outcome::Rejected(format!("cannot commit to the replica's WAL: {e}"));
+                }
+                self.pending = None;
+                self.applied(Position { db_id: pos.db_id, generation, frame_no: fh.frame_no, checksum: fh.checksum, page_size });
+            }
+        }
+        Outcome::Applied
+    }
+
+    /// Starts a WAL transaction, waiting briefly for a checkpoint or a
+    /// recovering reader that holds the write lock.
+    fn begin(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let app = self.app.as_mut().ok_or("no appender")?;
+            match app.begin() {
+                Ok(()) => return Ok(()),
+                Err(ApplyError::Busy) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(200)),
+                Err(ApplyError::NeedsRecovery) if Instant::now() < deadline => {
+                    // A SQLite reader rebuilds the wal-index from the WAL file.
+                    self.files.sql("SELECT count(*) FROM sqlite_master")?;
+                }
+                Err(ApplyError::ForeignWrite(w)) => {
+                    self.pos = None;
+                    return Err(format!("{w}; the replica bootstraps again"));
+                }
+                Err(e) => return Err(format!("cannot start a transaction on the replica: {e}")),
+            }
+        }
+    }
+
+    fn applied(&mut self, p: Position) {
+        self.pos = Some(p);
+        if let Some(f) = &self.pos_file {
+            if let Err(e) = save_position(f, &p, false) {
+                set_error(self.shared, "error", format!("cannot record the applied position: {e}"));
+            }
+        }
+        {
+            let mut st = self.shared.status();
+            st.position = Some(p);
+            if st.primary_frame_no <= p.frame_no {
+                st.behind_since = None;
+                st.primary_frame_no = p.frame_no;
+            }
+        }
+        self.shared.set_applied(p.frame_no);
+    }
+
+    fn call(&self, socks: &ReplicaSockets, req: &[u8]) -> Result<Vec<u8>, String> {
+        let m = socks.call(req)?;
+        self.shared.status().last_message = Some(Instant::now());
+        Ok(m.as_slice().to_vec())
+    }
+
+    /// Fetches what is missing through the catch-up socket until up to date.
+    fn catch_up(&mut self, socks: &ReplicaSockets, ep: &Endpoint) -> Result<(), String> {
+        self.abort_pending();
+        self.state("catching_up");
+        self.shared.status().catchups += 1;
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let req = match (&self.pos, &self.pending) {
+                (Some(p), Some(pd)) => wire::req_frames(p.db_id, pd.generation, pd.next_frame - 1, pd.prev_checksum),
+                (Some(p), None) => wire::req_frames(p.db_id, p.generation, p.frame_no, p.checksum),
+                (None, _) => wire::req_frames([0; 16], 0, 0, 0),
+            };
+            let reply = self.call(socks, &req).map_err(|e| format!("{e} (catch-up address {})", ep.catchup))?;
+            let (h, body) = wire::decode(&reply).map_err(|e| format!("bad catch-up reply: {e}"))?;
+            match body {
+                Body::Frames { primary_last, page_size, frames } => {
+                    self.note_primary(primary_last);
+                    if frames.is_empty() {
+                        if self.pending.is_none() {
+                            self.state("streaming");
+                            self.shared.status().last_error = None;
+                            return Ok(());
+                        }
+                        return Err("the primary sent no frames to finish a transaction".into());
+                    }
+                    match self.apply_frames(&h, page_size, &frames) {
+                        Outcome::Applied => {}
+                        Outcome::Gap => return Err("catch-up reply does not continue the replica's position".into()),
+                        Outcome::Rejected(why) => {
+                            self.shared.status().rejected += 1;
+                            return Err(why);
+                        }
+                    }
+                }
+                Body::NeedSnapshot { reason } => self.bootstrap(socks, &h, &reason)?,
+                Body::Error { reason } => return Err(format!("the primary refused: {reason}")),
+                _ => return Err("unexpected catch-up reply".into()),
+            }
+        }
+    }
+
+    /// Replaces the replica's content with a snapshot of the primary, as one
+    /// transaction: readers see the old database until the last page is in.
+    fn bootstrap(&mut self, socks: &ReplicaSockets, _h: &Header, reason: &str) -> Result<(), String> {
+        self.abort_pending();
+        self.state("bootstrapping");
+        crate::primary::report(&format!("{}: bootstrapping from a snapshot: {reason}", self.db()));
+        let (db_id, generation) = self.pos.map_or(([0; 16], 0), |p| (p.db_id, p.generation));
+        let reply = self.call(socks, &wire::req_snapshot(db_id, generation))?;
+        let (h, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
+        let Body::Snapshot { snapshot_id, frame_no, checksum, page_size, db_pages } = body else {
+            return Err(match body {
+                Body::Error { reason } => format!("the primary cannot make a snapshot: {reason}"),
+                _ => "unexpected snapshot reply".into(),
+            });
+        };
+        self.prepare_db(page_size)?;
+        self.open_appender(page_size)?;
+        self.app.as_mut().unwrap().forget_last();
+        self.begin()?;
+        let r = (|| {
+            let mut held: Option<(u32, Vec<u8>)> = None;
+            let mut from = 1u32;
+            while from <= db_pages {
+                let reply = self.call(socks, &wire::req_pages(h.db_id, h.generation, snapshot_id, from))?;
+                let (_, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
+                let (next_page, pages) = match body {
+                    Body::Pages { snapshot_id: id, next_page, page_size: ps, pages } if id == snapshot_id && ps == page_size && next_page > from => (next_page, pages),
+                    Body::Error { reason } => return Err(format!("snapshot failed: {reason}")),
+                    _ => return Err("unexpected snapshot page reply".into()),
+                };
+                for (n, page) in pages {
+                    if let Some((hn, hp)) = held.replace((n, page.to_vec())) {
+                        self.app.as_mut().unwrap().append(hn, &hp, 0).map_err(|e| e.to_string())?;
+                    }
+                }
+                from = next_page;
+            }
+            let (hn, hp) = held.ok_or("the snapshot holds no pages")?;
+            let app = self.app.as_mut().unwrap();
+            app.append(hn, &hp, db_pages).map_err(|e| e.to_string())?;
+            app.commit(db_pages).map_err(|e| e.to_string())
+        })();
+        if let Err(e) = r {
+            self.app.as_mut().unwrap().abort();
+            return Err(e);
+        }
+        self.shared.status().bootstraps += 1;
+        self.applied(Position { db_id: h.db_id, generation: h.generation, frame_no, checksum, page_size });
+        Ok(())
+    }
+
+    /// Makes the database file ready to take frames of `page_size`-byte pages
+    /// in WAL mode: a new, empty file is set up; an empty database of another
+    /// page size is rebuilt; a database with content of another page size is refused.
+    fn prepare_db(&mut self, page_size: u32) -> Result<(), String> {
+        let sql = |s: &str| self.files.sql(s).map(|v| v.unwrap_or_default());
+        let current: u32 = sql("PRAGMA page_size")?.parse().unwrap_or(0);
+        let pages: u64 = sql("PRAGMA page_count")?.parse().unwrap_or(0);
+        if pages == 0 || current != page_size {
+            let tables: u64 = sql("SELECT count(*) FROM sqlite_master")?.parse().unwrap_or(1);
+            if pages > 0 && tables > 0 {
+                return Err(format!(
+                    "the replica has {current}-byte pages and content, the primary has {page_size}-byte pages; move the replica aside to bootstrap a new one"
+                ));
+            }
+            self.app = None;
+            if pages > 0 {
+                sql("PRAGMA journal_mode=DELETE")?;
+            }
+            sql(&format!("PRAGMA page_size={page_size}"))?;
+            if pages > 0 {
+                sql("VACUUM")?;
+            }
+        }
+        let mode = sql("PRAGMA journal_mode=WAL")?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(format!("cannot switch the replica to WAL mode (journal_mode stays '{mode}')"));
+        }
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) {
+        if self.pending.is_none() && self.last_checkpoint.elapsed() > Duration::from_millis(100) {
+            if let Some(app) = self.app.as_mut() {
+                if app.unbackfilled().unwrap_or(0) >= CHECKPOINT_FRAMES {
+                    // PASSIVE: copies what no reader needs, never waits for one.
+                    let _ = self.files.sql("PRAGMA wal_checkpoint(PASSIVE)");
+                }
+            }
+            self.last_checkpoint = Instant::now();
+        }
+        {
+            let mut st = self.shared.status();
+            if st.last_message.is_some_and(|t| t.elapsed() > SILENCE) && st.state == "streaming" {
+                st.state = "disconnected";
+                st.last_error = Some(format!("no message from the primary for {} s", SILENCE.as_secs()));
+            }
+        }
+        if self.last_status_write.elapsed() > Duration::from_millis(200) {
+            self.write_status();
+        }
+    }
+
+    fn write_status(&mut self) {
+        self.last_status_write = Instant::now();
+        let v = status_value(&self.shared.status(), self.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let tmp = status_path(self.db()).with_extension("walcast-status-tmp");
+        if std::fs::write(&tmp, v.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, status_path(self.db()));
+        }
+    }
+
+    /// Leaves a position that survives a machine restart: the WAL is synced up
+    /// to it.
+    fn shutdown(&mut self) {
+        self.abort_pending();
+        if let (Some(app), Some(p), Some(f)) = (self.app.as_ref(), self.pos, self.pos_file.as_ref()) {
+            if app.sync_wal().is_ok() {
+                let _ = save_position(f, &p, true);
+            }
+        }
+        self.write_status();
+        self.state("disconnected");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Test-only fault injection on received live messages, enabled by the
+// environment variable WALCAST_TEST_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01".
+
+struct Faults {
+    drop: f64,
+    dup: f64,
+    reorder: f64,
+    corrupt: f64,
+    rng: u64,
+    held: Option<Vec<u8>>,
+}
+
+impl Faults {
+    fn from_env() -> Faults {
+        let mut f = Faults { drop: 0.0, dup: 0.0, reorder: 0.0, corrupt: 0.0, rng: now_ms() | 1, held: None };
+        if let Ok(spec) = std::env::var("WALCAST_TEST_FAULTS") {
+            for kv in spec.split(',') {
+                if let Some((k, v)) = kv.split_once('=') {
+                    let v: f64 = v.trim().parse().unwrap_or(0.0);
+                    match k.trim() {
+                        "drop" => f.drop = v,
+                        "dup" => f.dup = v,
+                        "reorder" => f.reorder = v,
+                        "corrupt" => f.corrupt = v,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        f
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        if p <= 0.0 {
+            return false;
+        }
+        // xorshift64
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    fn filter(&mut self, mut m: Vec<u8>) -> Vec<Vec<u8>> {
+        if self.drop == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.corrupt == 0.0 {
+            return vec![m];
+        }
+        if self.chance(self.drop) {
+            return vec![];
+        }
+        if self.chance(self.corrupt) && !m.is_empty() {
+            let i = (self.rng as usize) % m.len();
+            m[i] ^= 1 << (self.rng % 8);
+        }
+        let mut out = vec![];
+        if self.chance(self.reorder) && self.held.is_none() {
+            self.held = Some(m);
+            return out;
+        }
+        if self.chance(self.dup) {
+            out.push(m.clone());
+        }
+        out.push(m);
+        if let Some(h) = self.held.take() {
+            out.push(h);
+        }
+        out
+    }
+}
