@@ -158,6 +158,12 @@ impl Shared {
             if let Some((p, _)) = load_position(&position_path(&self.db_path)) {
                 v["applied_frame_no"] = p.frame_no.into();
             }
+            // A status the applier stopped refreshing is history, not news.
+            let age = now_ms().saturating_sub(v["updated_unix_ms"].as_u64().unwrap_or(0));
+            if v["updated_unix_ms"].is_u64() && age > 3000 {
+                v["state"] = "disconnected".into();
+                v["last_error"] = format!("no process has applied to this replica for {} s (open it with walcast loaded to resume)", age / 1000).into();
+            }
             v["applier_in_this_process"] = false.into();
             return v;
         }
@@ -388,10 +394,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
             return;
         }
+        self.write_status();
         let mut retry_at = Instant::now();
         while !self.shared.stop.load(Ordering::Acquire) && is_open() && self.shared.config_seq.load(Ordering::Acquire) == self.seq {
             if self.need_catchup && Instant::now() >= retry_at {
-                match self.catch_up(&socks, &ep) {
+                let r = self.catch_up(&socks, &ep);
+                self.write_status();
+                match r {
                     Ok(()) => self.need_catchup = false,
                     Err(e) => {
                         let down = e.contains("no catch-up reply") || e.contains("not sent");

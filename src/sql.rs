@@ -1,4 +1,4 @@
-//! The SQL functions: `walcast_frame_no()`, `walcast_status()`,
+//! The SQL functions: `walcast_frame_no()`, `walcast_status()`, `walcast_wait(frame_no, timeout_ms)`,
 //! `walcast_verify(db)` and `walcast_restore(db, out [, frame_no])`.
 //!
 //! Each fails with a clear message on a connection whose database is not on the
@@ -63,6 +63,30 @@ fn frame_no(ctx: *mut sqlite3_context, _v: &[*mut sqlite3_value]) -> Result<()> 
     })
 }
 
+/// `walcast_wait(frame_no, timeout_ms)`: 1 once the replica has applied
+/// `frame_no`, 0 at the timeout. Blocks only the calling connection's thread.
+fn wait(ctx: *mut sqlite3_context, values: &[*mut sqlite3_value]) -> Result<()> {
+    guarded(ctx, "walcast_wait", || {
+        let s = connection_state(ctx)?;
+        let int = |i: usize, what: &str| -> std::result::Result<i64, String> {
+            let v = values.get(i).ok_or_else(|| format!("missing argument: {what}"))?;
+            match api::value_type(v) {
+                api::ValueType::Integer => Ok(api::value_int64(v)),
+                _ => Err(format!("{what} must be an integer")),
+            }
+        };
+        let frame_no = int(0, "frame_no")?;
+        let timeout_ms = int(1, "timeout_ms")?;
+        if frame_no < 0 || timeout_ms < 0 {
+            return Err("frame_no and timeout_ms must not be negative".into());
+        }
+        let r = s.replica_shared().ok_or_else(|| format!("{} is not a walcast replica (walcast_wait waits on replicas)", s.db_path))?;
+        let ok = r.wait_for(frame_no as u64, std::time::Duration::from_millis(timeout_ms as u64));
+        api::result_int(ctx, ok as i32);
+        Ok(())
+    })
+}
+
 fn status(ctx: *mut sqlite3_context, _v: &[*mut sqlite3_value]) -> Result<()> {
     guarded(ctx, "walcast_status", || {
         let s = connection_state(ctx)?;
@@ -102,6 +126,7 @@ pub fn register_functions(db: *mut sqlite3) -> Result<()> {
     let flags = FunctionFlags::UTF8;
     define_scalar_function(db, "walcast_frame_no", 0, frame_no, flags)?;
     define_scalar_function(db, "walcast_status", 0, status, flags)?;
+    define_scalar_function(db, "walcast_wait", 2, wait, flags)?;
     define_scalar_function(db, "walcast_verify", 1, verify, flags)?;
     define_scalar_function(db, "walcast_restore", 2, restore, flags)?;
     define_scalar_function(db, "walcast_restore", 3, restore, flags)?;

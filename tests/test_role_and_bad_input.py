@@ -83,7 +83,7 @@ def test_status_is_one_json_object(tmp_path):
     assert same["frame_no"] == st["frame_no"]
 
 
-@pytest.mark.parametrize("value", ["'bogus'", "'replica'", "''", "42"])
+@pytest.mark.parametrize("value", ["'bogus'", "''", "42"])
 def test_unknown_role_is_refused_and_changes_nothing(tmp_path, value):
     tmp = str(tmp_path)
     db = os.path.join(tmp, "app.db")
@@ -92,6 +92,17 @@ def test_unknown_role_is_refused_and_changes_nothing(tmp_path, value):
     assert p.returncode != 0 and "walcast_role" in p.stderr, p.stderr
     assert walcast_files(tmp) == []
     assert wc.shell("PRAGMA journal_mode;", db=db).stdout.strip() == "delete"
+
+
+def test_replica_role_on_a_database_with_content_is_refused_and_changes_nothing(tmp_path):
+    tmp = str(tmp_path)
+    db = os.path.join(tmp, "app.db")
+    wc.shell("CREATE TABLE t(x); INSERT INTO t VALUES (1);", db=db)
+    before = wc.file_bytes(db)
+    p = wc.shell("PRAGMA walcast_endpoint='tcp://127.0.0.1:7999'; PRAGMA walcast_role='replica';", db=db, check=False)
+    assert p.returncode != 0 and "already has content" in p.stderr and "not a replica" in p.stderr, p.stderr
+    assert wc.file_bytes(db) == before
+    assert wc.shell("PRAGMA walcast_role;", db=db).stdout.strip() == "off"
 
 
 def test_role_on_memory_or_temp_database_is_refused(tmp_path):
