@@ -52,6 +52,9 @@ impl std::fmt::Display for ApplyError {
 
 impl From<io::Error> for ApplyError {
     fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return ApplyError::Busy;
+        }
         ApplyError::Io(e)
     }
 }

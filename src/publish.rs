@@ -9,7 +9,6 @@
 //! appended. Only one process per database publishes, elected by an exclusive
 //! flock on `<db>-walcast-pub`; when it exits, another takes over.
 
-use crate::frame::FRAME_HEADER_LEN;
 use crate::logtail::{LogTail, Pos, Unit};
 use crate::transport::{Endpoint, PrimarySockets};
 use crate::wire::{self, Body, FramesBuilder, PagesBuilder};
@@ -228,11 +227,14 @@ struct Index {
     /// Position before the current generation's base image.
     gen_start: Option<Pos>,
     last_entry_offset: u64,
+    /// The unit the last lookup found: a replica catching up inside a big
+    /// transaction asks for it again and again.
+    recent: Mutex<Option<Unit>>,
 }
 
 impl Index {
     fn open(path: &std::path::Path) -> io::Result<Index> {
-        Ok(Index { tail: LogTail::open(path, true)?, entries: Vec::new(), gen_start: None, last_entry_offset: 0 })
+        Ok(Index { tail: LogTail::open(path, true)?, entries: Vec::new(), gen_start: None, last_entry_offset: 0, recent: Mutex::new(None) })
     }
 
     fn refresh(&mut self) -> io::Result<()> {
@@ -257,14 +259,27 @@ impl Index {
 
     /// A reader positioned just before the unit that holds `frame_no`, and that unit.
     fn find(&self, path: &std::path::Path, frame_no: u64) -> io::Result<Option<(LogTail, Unit)>> {
+        let mut t = LogTail::open(path, true)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = recent.as_ref().filter(|u| (u.first_frame_no..=u.commit.last_frame_no).contains(&frame_no)) {
+            t.pos = Pos {
+                offset: u.end,
+                generation: u.generation,
+                page_size: u.page_size,
+                last_frame_no: u.commit.last_frame_no,
+                last_checksum: u.commit.checksum,
+                db_pages: u.commit.size_after,
+            };
+            return Ok(Some((t, u.clone())));
+        }
         let i = self.entries.partition_point(|(first, _)| *first <= frame_no);
         if i == 0 {
             return Ok(None);
         }
-        let mut t = LogTail::open(path, true)?;
         t.pos = self.entries[i - 1].1;
         while let Some(u) = t.next_unit()? {
             if u.commit.last_frame_no >= frame_no {
+                *recent = Some(u.clone());
                 return Ok(Some((t, u)));
             }
         }
@@ -421,7 +436,7 @@ fn build_snapshot(index: &Index, path: &std::path::Path, id: u64) -> io::Result<
     while t.pos.last_frame_no < last.last_frame_no {
         let Some(u) = t.next_unit()? else { break };
         t.read_frames(&u, u.first_frame_no, u.commit.last_frame_no, |fh, _| {
-            let i = fh.page_no as usize - 1;
+            let Some(i) = (fh.page_no as usize).checked_sub(1) else { return Ok(true) };
             if i >= pages.len() {
                 pages.resize(i + 1, 0);
             }
@@ -431,7 +446,6 @@ fn build_snapshot(index: &Index, path: &std::path::Path, id: u64) -> io::Result<
         end = t.pos;
     }
     pages.truncate(end.db_pages as usize);
-    let _ = FRAME_HEADER_LEN;
     Ok(Snapshot {
         id,
         frame_no: end.last_frame_no,

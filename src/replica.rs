@@ -154,7 +154,7 @@ impl Shared {
             let mut v = std::fs::read(status_path(&self.db_path))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .unwrap_or_else(|| serde_json::json!({"state": "disconnected", "last_error": "no process applies to this replica now"}));
+                .unwrap_or_else(|| serde_json::json!({"role": "replica", "state": "disconnected", "last_error": "no process applies to this replica now"}));
             if let Some((p, _)) = load_position(&position_path(&self.db_path)) {
                 v["applied_frame_no"] = p.frame_no.into();
             }
@@ -442,6 +442,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             }
             None => None,
         };
+        self.hold_database_open()?;
         if let Some(p) = self.pos {
             self.open_appender(p.page_size)?;
             self.shared.set_applied(p.frame_no);
@@ -450,6 +451,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         st.position = self.pos;
         st.state = "catching_up";
         Ok(())
+    }
+
+    /// Keeps a read lock on the database file, as every open SQLite connection
+    /// in WAL mode does, so that no other connection's close checkpoints and
+    /// deletes the WAL (or the wal-index) beneath the applier.
+    fn hold_database_open(&self) -> Result<(), String> {
+        self.files.sql("SELECT count(*) FROM sqlite_master").map(|_| ()).map_err(|e| format!("cannot read {}: {e}", self.db()))
     }
 
     fn open_appender(&mut self, page_size: u32) -> Result<(), String> {
@@ -477,14 +485,12 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             Body::Heartbeat { last_frame_no, last_checksum, .. } => {
                 self.note_primary(last_frame_no);
                 let Some(p) = self.pos else { return };
-                if h.db_id != p.db_id {
-                    self.need_catchup = true;
-                } else if self.pending.is_some() || last_frame_no > p.frame_no {
+                if h.db_id != p.db_id || last_frame_no != p.frame_no || self.pending.is_some() {
                     // Everything published before the heartbeat has arrived by
-                    // now, or was lost.
-                    self.abort_pending();
+                    // now, or was lost. A primary behind the replica may have
+                    // another history: the catch-up server decides.
                     self.need_catchup = true;
-                } else if last_frame_no == p.frame_no && last_checksum != p.checksum {
+                } else if last_checksum != p.checksum {
                     self.need_catchup = true;
                 } else if !self.need_catchup {
                     self.state("streaming");
@@ -518,7 +524,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
 
     fn note_primary(&self, last: u64) {
         let mut st = self.shared.status();
-        st.primary_frame_no = st.primary_frame_no.max(last);
+        st.primary_frame_no = last;
         let applied = st.position.map_or(0, |p| p.frame_no);
         if st.primary_frame_no > applied {
             st.behind_since.get_or_insert_with(Instant::now);
@@ -555,7 +561,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 continue; // a duplicate of what is applied or pending
             }
             if fh.frame_no > expected {
-                self.abort_pending();
+                // Catch-up continues from here, also inside a transaction.
                 return Outcome::Gap;
             }
             if self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0) {
@@ -647,9 +653,17 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
 
     /// Fetches what is missing through the catch-up socket until up to date.
     fn catch_up(&mut self, socks: &ReplicaSockets, ep: &Endpoint) -> Result<(), String> {
-        self.abort_pending();
         self.state("catching_up");
         self.shared.status().catchups += 1;
+        let r = self.catch_up_inner(socks, ep);
+        if r.is_err() {
+            // Do not hold the WAL write lock while the primary is away.
+            self.abort_pending();
+        }
+        r
+    }
+
+    fn catch_up_inner(&mut self, socks: &ReplicaSockets, ep: &Endpoint) -> Result<(), String> {
         loop {
             if self.shared.stop.load(Ordering::Acquire) {
                 return Ok(());
@@ -703,6 +717,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 _ => "unexpected snapshot reply".into(),
             });
         };
+        // Until the snapshot is committed the file names no position: a crash
+        // in between must bootstrap again, not apply frames onto a half-known state.
+        if let Some(f) = &self.pos_file {
+            f.set_len(0).map_err(|e| format!("cannot reset the applied position: {e}"))?;
+        }
+        self.pos = None;
+        self.shared.status().position = None;
         self.prepare_db(page_size)?;
         self.open_appender(page_size)?;
         self.app.as_mut().unwrap().forget_last();
@@ -766,7 +787,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(format!("cannot switch the replica to WAL mode (journal_mode stays '{mode}')"));
         }
-        Ok(())
+        self.hold_database_open()
     }
 
     fn housekeeping(&mut self) {

@@ -9,7 +9,7 @@
 //! - `tcp://HOST:PORT` -> `tcp://HOST:PORT+1`
 //! - `ipc:///PATH`     -> `ipc:///PATH.catchup`
 
-use nng::options::{protocol::pubsub::Subscribe, protocol::reqrep::ResendTime, Options, RecvMaxSize, RecvTimeout, ReconnectMaxTime, ReconnectMinTime, SendTimeout};
+use nng::options::{protocol::pubsub::Subscribe, protocol::reqrep::ResendTime, Options, RecvBufferSize, RecvMaxSize, RecvTimeout, ReconnectMaxTime, ReconnectMinTime, SendBufferSize, SendTimeout};
 use nng::{Protocol, Socket};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -91,6 +91,9 @@ impl PrimarySockets {
         // A slow replica must never block the publisher: sends that cannot be
         // queued are dropped, and the replica repairs the gap by catch-up.
         let _ = publish.set_opt::<SendTimeout>(Some(Duration::ZERO));
+        // Queued messages per replica: enough to ride out a scheduling hiccup,
+        // few enough that memory stays bounded (messages are at most ~1 MiB).
+        let _ = publish.set_opt::<SendBufferSize>(32);
         remove_stale_ipc(&ep.url);
         publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
         let catchup = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
@@ -123,6 +126,8 @@ impl ReplicaSockets {
         let subscribe = Socket::new(Protocol::Sub0).map_err(|e| nng_err("cannot create a SUB socket for", &ep.url, e))?;
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
         subscribe.set_opt::<RecvMaxSize>(crate::wire::MAX_MESSAGE).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
+        // At most this many ~1 MiB messages wait in the replica's queue.
+        let _ = subscribe.set_opt::<RecvBufferSize>(16);
         let _ = subscribe.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = subscribe.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
         subscribe.dial_async(&ep.url).map_err(|e| nng_err("cannot dial", &ep.url, e))?;

@@ -831,6 +831,10 @@ impl PrivateDb {
             let mut p: *mut c_void = ptr::null_mut();
             let rc = (m.xShmMap.unwrap())(self.file(), i as c_int, crate::walindex::REGION_SIZE as c_int, 1, &mut p);
             self.shm_open.set(true);
+            if rc & 0xff == ffi::SQLITE_BUSY {
+                // Another process is initializing the -shm file: try again.
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("wal-index region {i} is being initialized by another process")));
+            }
             if rc != ffi::SQLITE_OK || p.is_null() {
                 return Err(io::Error::other(format!("cannot map wal-index region {i} (SQLite error {rc})")));
             }

@@ -118,3 +118,49 @@ def wait_for(cond, timeout=10.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+# --- replica tests ---------------------------------------------------------
+
+_ports_handed_out = set()
+
+
+def free_port_pair(lo=20000, hi=32000):
+    """A TCP port P on 127.0.0.1 such that P and P+1 are both free now (a primary
+    listens on P, its catch-up socket on P+1), never handed out twice in this
+    process. Below Linux's ephemeral range, so outgoing connections don't take it."""
+    import random
+    import socket
+    rnd = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(1000):
+        p = rnd.randrange(lo, hi - 1)
+        if p in _ports_handed_out or p + 1 in _ports_handed_out or p - 1 in _ports_handed_out:
+            continue
+        socks = []
+        try:
+            for q in (p, p + 1):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        _ports_handed_out.update((p, p + 1))
+        return p
+    raise AssertionError("no free pair of TCP ports")
+
+
+def frame_no(db):
+    """The primary's last committed frame_no (walcast_frame_no(), in a new shell)."""
+    return int(shell("SELECT walcast_frame_no();", db=db).stdout.strip())
+
+
+def walcast_wait(db, frame_no, timeout_ms):
+    """`SELECT walcast_wait(frame_no, timeout_ms)` on the replica db, in a new shell
+    with walcast loaded: True once frame_no is applied, False at the timeout."""
+    out = shell(f"SELECT walcast_wait({int(frame_no)}, {int(timeout_ms)});", db=db,
+                timeout=timeout_ms / 1000 + 60).stdout.strip()
+    assert out in ("0", "1"), f"walcast_wait returned {out!r}"
+    return out == "1"
