@@ -34,7 +34,7 @@ test-integration: build
 # The 1 GiB transaction: capture and restore stream it; the test checks the
 # restored file and the capture thread's peak memory.
 test-big: test-deps build
-	WALCAST_BIG_MB=1100 $(PYTHON) -m pytest -q tests/test_big_transaction.py
+	WALCAST_BIG_MB=1100 WALCAST_REPLICA_BIG_MB=1100 $(PYTHON) -m pytest -q tests/test_big_transaction.py tests/test_replica.py -k big
 
 # A longer kill -9 run than `make test` does (200 crashes of a lone writer, 100
 # of one of two concurrent writers).
