@@ -162,16 +162,13 @@ impl<S: ShmLocks> WalAppender<S> {
             }
         }
         let mut wal_header = None;
-        let r0 = self.shm.region(0)?;
         // walRestartLog: once a checkpoint copied every frame and no reader uses
         // the WAL, start it over instead of letting it grow.
-        let restart = hdr.mx_frame > 0 && walindex::n_backfill(&r0) == hdr.mx_frame;
-        drop(r0);
+        let restart = hdr.mx_frame > 0 && walindex::n_backfill(&self.shm.region(0)?) == hdr.mx_frame;
         if restart && self.shm.try_lock(READ_LOCK_1, 4, true)? {
             self.salt_seed = self.salt_seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-            let r0 = self.shm.region(0)?;
-            walindex::restart_header(&r0, &mut hdr, self.salt_seed);
-            drop(r0);
+            let seed = self.salt_seed;
+            walindex::restart_header(&self.shm.region(0)?, &mut hdr, seed);
             self.shm.unlock(READ_LOCK_1, 4, true);
         }
         if hdr.mx_frame == 0 {
@@ -267,9 +264,7 @@ impl<S: ShmLocks> WalAppender<S> {
         h.change = h.change.wrapping_add(1);
         h.frame_cksum = t.running;
         h.is_init = true;
-        let r0 = self.shm.region(0)?;
-        walindex::write_header(&r0, &h);
-        drop(r0);
+        walindex::write_header(&self.shm.region(0)?, &h);
         self.last = Some(Committed { salt: h.salt, mx_frame: h.mx_frame, frame_cksum: h.frame_cksum });
         self.shm.unlock(WRITE_LOCK, 1, true);
         Ok(())

@@ -400,15 +400,18 @@ fn db_header_geometry(db: &dyn DbReader) -> io::Result<Option<(u32, u32)>> {
     let valid_for = u32::from_be_bytes(h[92..96].try_into().unwrap());
     // The in-header size is valid only when version-valid-for matches the change
     // counter (SQLite file format, section 1.3.7).
-    let pages = if in_header != 0 && valid_for == change {
-        in_header
-    } else {
-        (db.size()? / page_size as u64) as u32
-    };
+    let pages = if in_header != 0 && valid_for == change { in_header } else { (db.size()? / page_size as u64) as u32 };
     Ok(Some((page_size, pages)))
 }
 
-fn new_generation(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, imaging: Imaging, claims: Claims, reason: &str) -> Result<(), CaptureError> {
+fn new_generation(
+    log: &mut LogWriter,
+    paths: &Paths,
+    wal: Option<&WalFile>,
+    imaging: Imaging,
+    claims: Claims,
+    reason: &str,
+) -> Result<(), CaptureError> {
     match imaging {
         Imaging::WritersExcluded(db) => image_and_claim(log, paths, wal, db, claims, reason),
         Imaging::TakeWriteLock { db, lock, committed, unlock } => {
@@ -430,7 +433,14 @@ fn new_generation(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, ima
 /// Takes a base image, then claims its WAL position (writers are excluded, so
 /// writing the writers' part of the claim file is safe) and marks every foreign
 /// write seen so far as handled: the image contains them.
-fn image_and_claim(log: &mut LogWriter, paths: &Paths, wal: Option<&WalFile>, db: &dyn DbReader, claims: Claims, reason: &str) -> Result<(), CaptureError> {
+fn image_and_claim(
+    log: &mut LogWriter,
+    paths: &Paths,
+    wal: Option<&WalFile>,
+    db: &dyn DbReader,
+    claims: Claims,
+    reason: &str,
+) -> Result<(), CaptureError> {
     let seen = read_claims(claims)?;
     take_image(log, paths, wal, db, reason)?;
     if let (Some(c), Some(seen)) = (claims, seen) {
@@ -539,7 +549,13 @@ pub enum WalChange<'a> {
 /// change. If the process dies before or after the change, the recorded intent
 /// and the WAL file on disk together say where the log stands. Runs on SQLite's
 /// thread, which excludes other writers.
-pub fn before_wal_change(log: &mut LogWriter, paths: &Paths, db: &dyn DbReader, claims: Claims, change: WalChange) -> Result<CatchUp, CaptureError> {
+pub fn before_wal_change(
+    log: &mut LogWriter,
+    paths: &Paths,
+    db: &dyn DbReader,
+    claims: Claims,
+    change: WalChange,
+) -> Result<CatchUp, CaptureError> {
     let checked;
     let paths = match paths.committed {
         // SQLite restarts, truncates or deletes a WAL only once a checkpoint has

@@ -80,12 +80,7 @@ pub fn frame_checksum(prev: u64, frame_no: u64, page_no: u32, size_after: u32, p
 
 /// Builds the next frame of a chain.
 pub fn make_frame(prev: u64, frame_no: u64, page_no: u32, size_after: u32, page: &[u8]) -> FrameHeader {
-    FrameHeader {
-        frame_no,
-        page_no,
-        size_after,
-        checksum: frame_checksum(prev, frame_no, page_no, size_after, page),
-    }
+    FrameHeader { frame_no, page_no, size_after, checksum: frame_checksum(prev, frame_no, page_no, size_after, page) }
 }
 
 #[cfg(test)]

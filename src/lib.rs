@@ -46,10 +46,8 @@ fn init_connection(db: *mut DbLoadable) -> sqlite_loadable::Result<()> {
 }
 
 unsafe extern "C" fn auto_init(db: *mut DbLoadable, err: *mut *mut c_char, api: *mut ApiLoadable) -> c_int {
-    catch_unwind(AssertUnwindSafe(|| {
-        sqlite_loadable::entrypoints::register_entrypoint(db, err, api, init_connection) as c_int
-    }))
-    .unwrap_or(libsqlite3_sys::SQLITE_ERROR)
+    catch_unwind(AssertUnwindSafe(|| sqlite_loadable::entrypoints::register_entrypoint(db, err, api, init_connection) as c_int))
+        .unwrap_or(libsqlite3_sys::SQLITE_ERROR)
 }
 
 /// The entry point SQLite finds for `libwalcast.so`. It registers the walcast VFS

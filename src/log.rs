@@ -141,23 +141,26 @@ pub enum LogError {
     Io(io::Error),
     /// The log does not verify. `frame_no` is the first bad frame, or for a bad
     /// non-frame record, the frame it follows.
-    Corrupt { path: PathBuf, frame_no: u64, offset: u64, what: String },
+    Corrupt {
+        path: PathBuf,
+        frame_no: u64,
+        offset: u64,
+        what: String,
+    },
     /// Not a walcast log at all, or an unknown version.
-    NotALog { path: PathBuf, what: String },
+    NotALog {
+        path: PathBuf,
+        what: String,
+    },
 }
 
 impl fmt::Display for LogError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             LogError::Io(e) => write!(f, "{e}"),
-            LogError::Corrupt { path, frame_no, offset, what } => write!(
-                f,
-                "replication log {} is corrupt at frame_no {} (byte offset {}): {}",
-                path.display(),
-                frame_no,
-                offset,
-                what
-            ),
+            LogError::Corrupt { path, frame_no, offset, what } => {
+                write!(f, "replication log {} is corrupt at frame_no {} (byte offset {}): {}", path.display(), frame_no, offset, what)
+            }
             LogError::NotALog { path, what } => write!(f, "{} is not a usable walcast log: {}", path.display(), what),
         }
     }
@@ -681,8 +684,8 @@ where
                 if read_full(&mut r, &mut b[1..])? < WAL_EVENT_LEN - 1 {
                     return Ok(ScanEnd::Torn { at: rec_off });
                 }
-                let e = WalEvent::decode(&b)
-                    .ok_or_else(|| corrupt(run.last_frame_no, rec_off, "WAL event record checksum mismatch".into()))?;
+                let e =
+                    WalEvent::decode(&b).ok_or_else(|| corrupt(run.last_frame_no, rec_off, "WAL event record checksum mismatch".into()))?;
                 if in_unit {
                     return Err(corrupt(run.last_frame_no, rec_off, "WAL event record inside a transaction".into()));
                 }
@@ -815,7 +818,20 @@ impl LogWriter {
         let id = LogIdentity::new(db_id);
         let state = id.initial_state();
         let lock_file = std::sync::Arc::new(file.try_clone()?);
-        let mut w = LogWriter { path: path.into(), file, lock_file, id, state, last_batch_start: state, generation_reason: None, durable_end: RECORDS_START, slot_seq: 0, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let mut w = LogWriter {
+            path: path.into(),
+            file,
+            lock_file,
+            id,
+            state,
+            last_batch_start: state,
+            generation_reason: None,
+            durable_end: RECORDS_START,
+            slot_seq: 0,
+            pending: None,
+            buf: Vec::new(),
+            buf_offset: 0,
+        };
         w.file.write_all_at(&encode_slot(&id, 1, &state, &state), 0)?;
         w.file.write_all_at(&encode_slot(&id, 0, &state, &state), SLOT_LEN)?;
         w.slot_seq = 1;
@@ -852,7 +868,20 @@ impl LogWriter {
         start.cursor = snapshot.cursor;
         start.gen_offset = snapshot.gen_offset;
         let lock_file = std::sync::Arc::new(file.try_clone()?);
-        let mut w = LogWriter { path: path.into(), file, lock_file, id, state: start, last_batch_start: start, generation_reason: None, durable_end: snapshot.end_offset, slot_seq: seq, pending: None, buf: Vec::new(), buf_offset: 0 };
+        let mut w = LogWriter {
+            path: path.into(),
+            file,
+            lock_file,
+            id,
+            state: start,
+            last_batch_start: start,
+            generation_reason: None,
+            durable_end: snapshot.end_offset,
+            slot_seq: seq,
+            pending: None,
+            buf: Vec::new(),
+            buf_offset: 0,
+        };
         let mut report = OpenReport { header_problem, ..Default::default() };
         w.extend_from_file(repair, &mut report)?;
         if w.state.end_offset < snapshot.end_offset {

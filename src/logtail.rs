@@ -13,7 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
-use crate::log::{self, CommitRecord, LogFile, COMMIT_LEN, MAX_REASON, RECORDS_START, TAG_COMMIT, TAG_FRAME, TAG_GENERATION, TAG_WAL_EVENT, WAL_EVENT_LEN};
+use crate::log::{
+    self, CommitRecord, LogFile, COMMIT_LEN, MAX_REASON, RECORDS_START, TAG_COMMIT, TAG_FRAME, TAG_GENERATION, TAG_WAL_EVENT, WAL_EVENT_LEN,
+};
 
 /// Where a reader stands: at a unit boundary, with what is known there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,7 +212,13 @@ impl LogTail {
 
     /// Calls `each` for the frames `from..=to` of `unit`, in order, reading in
     /// bounded chunks. Stops early when `each` returns false.
-    pub fn read_frames(&self, unit: &Unit, from: u64, to: u64, mut each: impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>) -> io::Result<()> {
+    pub fn read_frames(
+        &self,
+        unit: &Unit,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>,
+    ) -> io::Result<()> {
         let rec = unit.record_len() as usize;
         let per_read = (crate::wire::CHUNK_BYTES / rec).max(1);
         let mut buf = vec![0u8; per_read * rec];

@@ -168,7 +168,12 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
 }
 
 /// Called when SQLite opens a main database file through walcast.
-pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, uri_endpoint: Option<String>, readonly: bool) -> Result<Arc<DbState>, String> {
+pub fn on_main_db_open(
+    db_path: &str,
+    uri_role: Option<&str>,
+    uri_endpoint: Option<String>,
+    readonly: bool,
+) -> Result<Arc<DbState>, String> {
     let state = get_or_create(db_path);
     state.open_handles.fetch_add(1, Ordering::AcqRel);
     let r = open_main_db(&state, db_path, uri_role, uri_endpoint, readonly);
@@ -178,7 +183,13 @@ pub fn on_main_db_open(db_path: &str, uri_role: Option<&str>, uri_endpoint: Opti
     r.map(|_| state)
 }
 
-fn open_main_db(state: &Arc<DbState>, db_path: &str, uri_role: Option<&str>, uri_endpoint: Option<String>, readonly: bool) -> Result<(), String> {
+fn open_main_db(
+    state: &Arc<DbState>,
+    db_path: &str,
+    uri_role: Option<&str>,
+    uri_endpoint: Option<String>,
+    readonly: bool,
+) -> Result<(), String> {
     // The first open in this process resumes the role recorded beside the database.
     if !state.loaded.swap(true, Ordering::AcqRel) {
         match Conf::load(&state.conf_path) {
@@ -372,7 +383,10 @@ impl DbState {
                 }
                 let mut c = Conf::load(&self.conf_path)?;
                 if c.role == Role::Replica || g.role == Role::Replica {
-                    return Err(format!("{} is a walcast replica; promoting a replica to primary is not available in this version", self.db_path));
+                    return Err(format!(
+                        "{} is a walcast replica; promoting a replica to primary is not available in this version",
+                        self.db_path
+                    ));
                 }
                 let existing_log = self.check_existing_log(&c)?;
                 ensure_wal_mode(&self.db_path)?;
@@ -491,15 +505,13 @@ impl DbState {
         if self.thread_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let spawned = std::thread::Builder::new()
-            .name("walcast-capture".into())
-            .spawn(move || loop {
-                // A panic must not end capture for the life of the process.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Arc::clone(&me).capture_thread())).is_err() {
-                    report(&format!("{}: internal error in the capture thread; restarting it", me.db_path));
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            });
+        let spawned = std::thread::Builder::new().name("walcast-capture".into()).spawn(move || loop {
+            // A panic must not end capture for the life of the process.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Arc::clone(&me).capture_thread())).is_err() {
+                report(&format!("{}: internal error in the capture thread; restarting it", me.db_path));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
         if let Err(e) = spawned {
             self.thread_started.store(false, Ordering::Release);
             report(&format!("{}: cannot start the capture thread: {e}", self.db_path));
@@ -612,9 +624,7 @@ impl DbState {
                     drop(g);
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err(CaptureError::Busy) => {
-                    return Err("timed out waiting for writers to finish so that a base image can be taken".into())
-                }
+                Err(CaptureError::Busy) => return Err("timed out waiting for writers to finish so that a base image can be taken".into()),
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -680,9 +690,13 @@ impl DbState {
             v["page_size"] = s.page_size.into();
             v["log_bytes"] = log.file_len().unwrap_or(0).into();
             v["wal"] = match s.cursor {
-                WalCursor::InWal(p) => serde_json::json!({"salt1": format!("{:08x}", p.salt1), "salt2": format!("{:08x}", p.salt2), "frame": p.frame}),
+                WalCursor::InWal(p) => {
+                    serde_json::json!({"salt1": format!("{:08x}", p.salt1), "salt2": format!("{:08x}", p.salt2), "frame": p.frame})
+                }
                 WalCursor::Ended(_) | WalCursor::Ending { .. } => "none (checkpointed and removed)".into(),
-                WalCursor::Switching { to, .. } | WalCursor::Starting { to, .. } => serde_json::json!({"salt1": format!("{:08x}", to.salt1), "salt2": format!("{:08x}", to.salt2), "frame": 0}),
+                WalCursor::Switching { to, .. } | WalCursor::Starting { to, .. } => {
+                    serde_json::json!({"salt1": format!("{:08x}", to.salt1), "salt2": format!("{:08x}", to.salt2), "frame": 0})
+                }
                 WalCursor::Unknown => serde_json::Value::Null,
             };
             v["generation_reason"] = log.generation_reason.clone().into();
@@ -760,13 +774,7 @@ impl DbState {
     /// WAL header: SQLite is restarting the WAL and will overwrite frames, so the
     /// log captures them and is made durable first. A commit frame's header is
     /// claimed before it is written.
-    pub fn wal_write(
-        &self,
-        off: u64,
-        data: &[u8],
-        wal_index: impl FnOnce() -> Option<WalIndexHeader>,
-        write: impl FnOnce() -> i32,
-    ) -> i32 {
+    pub fn wal_write(&self, off: u64, data: &[u8], wal_index: impl FnOnce() -> Option<WalIndexHeader>, write: impl FnOnce() -> i32) -> i32 {
         if self.refusing_writes.load(Ordering::Acquire) {
             let e = self.refuse();
             report(&e.message);
@@ -821,7 +829,9 @@ impl DbState {
             return truncate();
         }
         if size == 0 {
-            self.around_wal_change("truncating the WAL", capture::WalChange::End, truncate, |log, _, paths| capture::after_wal_ended(log, paths))
+            self.around_wal_change("truncating the WAL", capture::WalChange::End, truncate, |log, _, paths| {
+                capture::after_wal_ended(log, paths)
+            })
         } else {
             // journal_size_limit trims the file after a restart; what it cuts was
             // captured at the restart.
@@ -843,7 +853,10 @@ impl DbState {
         if off == 0 && data.len() >= 100 && data[18] == 1 && (self.is_capturing() || self.refusing_writes.load(Ordering::Acquire)) {
             return Err(HookError {
                 code: ffi::SQLITE_READONLY,
-                message: format!("{}: a rollback-journal write to a replication primary was refused; the database must stay in WAL mode", self.db_path),
+                message: format!(
+                    "{}: a rollback-journal write to a replication primary was refused; the database must stay in WAL mode",
+                    self.db_path
+                ),
             });
         }
         Ok(())
@@ -879,7 +892,9 @@ impl DbState {
                 return ffi::SQLITE_IOERR_LOCK;
             }
         };
-        let pre = PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| capture::before_wal_change(log, &paths, &db, claims, change));
+        let pre = PrivateDb::open(&self.db_path)
+            .map_err(CaptureError::Io)
+            .and_then(|db| capture::before_wal_change(log, &paths, &db, claims, change));
         if let Err(e) = self.record(&mut g, pre) {
             drop(locked);
             report(&format!("{}: capture failed before {what}, so it was refused: {e}", self.db_path));
@@ -902,7 +917,8 @@ impl DbState {
     fn follow_role_of_other_processes(&self) {
         let now = crate::log::now_ms();
         let last = self.conf_checked_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 250 || self.conf_checked_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+        if now.saturating_sub(last) < 250 || self.conf_checked_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err()
+        {
             return;
         }
         let Ok(c) = Conf::load(&self.conf_path) else { return };
@@ -1059,12 +1075,12 @@ fn ensure_wal_mode(db_path: &str) -> Result<(), String> {
         }
     }
     let conn = Connection::open(db_path).map_err(|e| format!("cannot open {db_path} to switch it to WAL mode: {e}"))?;
-    let mode = conn
-        .query_text("PRAGMA journal_mode=WAL")
-        .map_err(|e| format!("cannot switch {db_path} to WAL mode: {e}"))?
-        .unwrap_or_default();
+    let mode =
+        conn.query_text("PRAGMA journal_mode=WAL").map_err(|e| format!("cannot switch {db_path} to WAL mode: {e}"))?.unwrap_or_default();
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(format!("cannot switch {db_path} to WAL mode: SQLite kept journal_mode '{mode}' (a read-only or in-memory database cannot use WAL)"));
+        return Err(format!(
+            "cannot switch {db_path} to WAL mode: SQLite kept journal_mode '{mode}' (a read-only or in-memory database cannot use WAL)"
+        ));
     }
     Ok(())
 }

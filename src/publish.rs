@@ -69,7 +69,9 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
         .name("walcast-publish".into())
         .spawn(move || {
             while !s2.load(Ordering::Acquire) {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher_thread(&name, &log_path, &lock_path, &ep2, &rx, &s2, &st2)));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    publisher_thread(&name, &log_path, &lock_path, &ep2, &rx, &s2, &st2)
+                }));
                 if r.is_err() {
                     crate::primary::report(&format!("{name}: internal error in the publisher; restarting it"));
                     std::thread::sleep(Duration::from_millis(200));
@@ -90,7 +92,15 @@ fn set_error(stats: &PublishStats, name: &str, e: Option<String>) {
     *g = e;
 }
 
-fn publisher_thread(name: &str, log_path: &std::path::Path, lock_path: &std::path::Path, ep: &Endpoint, rx: &Receiver<()>, stop: &AtomicBool, stats: &Arc<PublishStats>) {
+fn publisher_thread(
+    name: &str,
+    log_path: &std::path::Path,
+    lock_path: &std::path::Path,
+    ep: &Endpoint,
+    rx: &Receiver<()>,
+    stop: &AtomicBool,
+    stats: &Arc<PublishStats>,
+) {
     // Elect this process, or wait for the one that publishes to go away.
     let lock = match File::options().create(true).truncate(false).write(true).open(lock_path) {
         Ok(f) => f,
@@ -149,7 +159,8 @@ fn publisher_thread(name: &str, log_path: &std::path::Path, lock_path: &std::pat
 
     let server_stop = Arc::new(AtomicBool::new(false));
     let server = {
-        let (sock, path, st, ss, n) = (sockets.catchup.clone(), log_path.to_path_buf(), stats.clone(), server_stop.clone(), name.to_string());
+        let (sock, path, st, ss, n) =
+            (sockets.catchup.clone(), log_path.to_path_buf(), stats.clone(), server_stop.clone(), name.to_string());
         std::thread::Builder::new().name("walcast-catchup".into()).spawn(move || {
             while !ss.load(Ordering::Acquire) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_catchup(&n, &sock, &path, &ss, &st)));
@@ -201,7 +212,13 @@ fn publisher_thread(name: &str, log_path: &std::path::Path, lock_path: &std::pat
 
 /// Sends one unit, in chunks of at most `wire::CHUNK_BYTES` of pages.
 fn publish_unit(sockets: &PrimarySockets, tail: &LogTail, u: &Unit) -> io::Result<()> {
-    let mut fb = FramesBuilder::new(tail.db_id, u.generation, if u.gen_start { wire::FLAG_GENERATION_START } else { 0 }, u.commit.last_frame_no, u.page_size);
+    let mut fb = FramesBuilder::new(
+        tail.db_id,
+        u.generation,
+        if u.gen_start { wire::FLAG_GENERATION_START } else { 0 },
+        u.commit.last_frame_no,
+        u.page_size,
+    );
     tail.read_frames(u, u.first_frame_no, u.commit.last_frame_no, |h, page| {
         if fb.full() {
             let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, u.generation, 0, u.commit.last_frame_no, u.page_size));
@@ -330,7 +347,14 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
     }
 }
 
-fn answer(index: &Index, path: &std::path::Path, msg: &[u8], snapshots: &mut VecDeque<Snapshot>, next_id: &mut u64, stats: &PublishStats) -> Result<Vec<u8>, String> {
+fn answer(
+    index: &Index,
+    path: &std::path::Path,
+    msg: &[u8],
+    snapshots: &mut VecDeque<Snapshot>,
+    next_id: &mut u64,
+    stats: &PublishStats,
+) -> Result<Vec<u8>, String> {
     let (h, body) = wire::decode(msg).map_err(|e| format!("bad request: {e}"))?;
     let db_id = index.tail.db_id;
     let last = index.last();

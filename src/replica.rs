@@ -162,7 +162,8 @@ impl Shared {
             let age = now_ms().saturating_sub(v["updated_unix_ms"].as_u64().unwrap_or(0));
             if v["updated_unix_ms"].is_u64() && age > 3000 {
                 v["state"] = "disconnected".into();
-                v["last_error"] = format!("no process has applied to this replica for {} s (open it with walcast loaded to resume)", age / 1000).into();
+                v["last_error"] =
+                    format!("no process has applied to this replica for {} s (open it with walcast loaded to resume)", age / 1000).into();
             }
             v["applier_in_this_process"] = false.into();
             return v;
@@ -429,7 +430,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// The position and the database's page size, at the start of a session.
     fn open_files(&mut self) -> Result<(), String> {
         let pp = position_path(self.db());
-        let f = File::options().read(true).write(true).create(true).truncate(false).open(&pp).map_err(|e| format!("cannot open {}: {e}", pp.display()))?;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&pp)
+            .map_err(|e| format!("cannot open {}: {e}", pp.display()))?;
         self.pos_file = Some(f);
         self.pos = match load_position(&pp) {
             Some((p, true)) => Some(p),
@@ -467,7 +474,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.app = None;
         let shm = self.files.open_shm().map_err(|e| format!("cannot open the wal-index of {}: {e}", self.db()))?;
         let wal_path = format!("{}-wal", self.db());
-        let wal = File::options().read(true).write(true).create(true).truncate(false).open(&wal_path).map_err(|e| format!("cannot open {wal_path}: {e}"))?;
+        let wal = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&wal_path)
+            .map_err(|e| format!("cannot open {wal_path}: {e}"))?;
         self.app = Some(WalAppender::new(shm, wal, page_size));
         Ok(())
     }
@@ -543,11 +556,18 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     fn apply_frames(&mut self, h: &Header, page_size: u32, frames: &[(FrameHeader, &[u8])]) -> Outcome {
         let Some(pos) = self.pos else { return Outcome::Gap };
         if h.db_id != pos.db_id {
-            return Outcome::Rejected(format!("refused frames of another database (db_id {}; this replica follows {})", hex(&h.db_id), hex(&pos.db_id)));
+            return Outcome::Rejected(format!(
+                "refused frames of another database (db_id {}; this replica follows {})",
+                hex(&h.db_id),
+                hex(&pos.db_id)
+            ));
         }
         let current_gen = self.pending.as_ref().map_or(pos.generation, |p| p.generation);
         if h.generation < current_gen {
-            return Outcome::Rejected(format!("refused frames of old generation {} (the replica is at generation {current_gen})", h.generation));
+            return Outcome::Rejected(format!(
+                "refused frames of old generation {} (the replica is at generation {current_gen})",
+                h.generation
+            ));
         }
         if page_size != pos.page_size {
             return Outcome::Rejected(format!("refused frames with {page_size}-byte pages (the replica has {}-byte pages)", pos.page_size));
@@ -570,7 +590,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             }
             if !fh.chains_from(prev, page) {
                 self.abort_pending();
-                return Outcome::Rejected(format!("refused frame_no {}: checksum chain broken (a bad frame is never applied)", fh.frame_no));
+                return Outcome::Rejected(format!(
+                    "refused frame_no {}: checksum chain broken (a bad frame is never applied)",
+                    fh.frame_no
+                ));
             }
             if fh.page_no == 0 {
                 self.abort_pending();
@@ -735,7 +758,11 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 let reply = self.call(socks, &wire::req_pages(h.db_id, h.generation, snapshot_id, from))?;
                 let (_, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
                 let (next_page, pages) = match body {
-                    Body::Pages { snapshot_id: id, next_page, page_size: ps, pages } if id == snapshot_id && ps == page_size && next_page > from => (next_page, pages),
+                    Body::Pages { snapshot_id: id, next_page, page_size: ps, pages }
+                        if id == snapshot_id && ps == page_size && next_page > from =>
+                    {
+                        (next_page, pages)
+                    }
                     Body::Error { reason } => return Err(format!("snapshot failed: {reason}")),
                     _ => return Err("unexpected snapshot page reply".into()),
                 };

@@ -31,7 +31,11 @@ fn open_log_of(db: &Path) -> Result<LogFile, String> {
             db.display(),
             hex(&id)
         )),
-        None => Err(format!("{} has no walcast identity ({} is missing), so its log cannot be tied to it", db.display(), conf_path_of(db).display())),
+        None => Err(format!(
+            "{} has no walcast identity ({} is missing), so its log cannot be tied to it",
+            db.display(),
+            conf_path_of(db).display()
+        )),
         Some(_) => Ok(lf),
     }
 }
@@ -104,7 +108,10 @@ fn walk(lf: &LogFile) -> Result<Walk, LogError> {
                         path: lf.path.clone(),
                         frame_no: st.last_frame_no,
                         offset: 0,
-                        what: format!("the header's durable point names frame_no {} but the log has {} there", snap.last_frame_no, st.last_frame_no),
+                        what: format!(
+                            "the header's durable point names frame_no {} but the log has {} there",
+                            snap.last_frame_no, st.last_frame_no
+                        ),
                     });
                 }
                 snapshot_seen = true;
@@ -193,11 +200,7 @@ pub fn restore(db: &Path, out: &Path, frame_no: Option<i64>) -> Result<String, S
         .copied()
         .ok_or_else(|| format!("no complete base image precedes frame_no {target}"))?;
 
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(out)
-        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let file = OpenOptions::new().write(true).create_new(true).open(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let r = apply(&lf, gen, upto.last_frame_no, &file);
     match r {
         Ok((pages, page_size)) => {

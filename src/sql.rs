@@ -44,7 +44,9 @@ fn database_arg(values: &[*mut sqlite3_value]) -> std::result::Result<PathBuf, S
     let arg = text_arg(values, 0, "database path")?;
     let p = Path::new(&arg);
     let canon = std::fs::canonicalize(p).map_err(|e| format!("database {arg}: {e}"))?;
-    for candidate in [canon.to_string_lossy().to_string(), std::path::absolute(p).map(|a| a.to_string_lossy().to_string()).unwrap_or_default()] {
+    for candidate in
+        [canon.to_string_lossy().to_string(), std::path::absolute(p).map(|a| a.to_string_lossy().to_string()).unwrap_or_default()]
+    {
         if let Some(s) = primary::lookup(&candidate) {
             if s.is_capturing() {
                 s.catch_up_now()?;

@@ -9,7 +9,10 @@
 //! - `tcp://HOST:PORT` -> `tcp://HOST:PORT+1`
 //! - `ipc:///PATH`     -> `ipc:///PATH.catchup`
 
-use nng::options::{protocol::pubsub::Subscribe, protocol::reqrep::ResendTime, Options, RecvBufferSize, RecvMaxSize, RecvTimeout, ReconnectMaxTime, ReconnectMinTime, SendBufferSize, SendTimeout};
+use nng::options::{
+    protocol::pubsub::Subscribe, protocol::reqrep::ResendTime, Options, ReconnectMaxTime, ReconnectMinTime, RecvBufferSize, RecvMaxSize,
+    RecvTimeout, SendBufferSize, SendTimeout,
+};
 use nng::{Protocol, Socket};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

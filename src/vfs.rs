@@ -259,14 +259,17 @@ unsafe extern "C" fn x_open(
     guard(ffi::SQLITE_CANTOPEN, || {
         let w = file as *mut WcFile;
         let inner = (file as *mut u8).add(std::mem::size_of::<WcFile>()) as *mut ffi::sqlite3_file;
-        ptr::write(w, WcFile {
-            base: ffi::sqlite3_file { pMethods: ptr::null() },
-            inner,
-            state: ptr::null(),
-            kind: FileKind::Other,
-            readonly: flags & ffi::SQLITE_OPEN_READONLY != 0,
-            read_slots: 0,
-        });
+        ptr::write(
+            w,
+            WcFile {
+                base: ffi::sqlite3_file { pMethods: ptr::null() },
+                inner,
+                state: ptr::null(),
+                kind: FileKind::Other,
+                readonly: flags & ffi::SQLITE_OPEN_READONLY != 0,
+                read_slots: 0,
+            },
+        );
         let ivfs = inner_vfs();
         let rc = ((*ivfs).xOpen.unwrap())(ivfs, name, inner, flags, out_flags);
         if rc != ffi::SQLITE_OK {
@@ -449,9 +452,7 @@ unsafe extern "C" fn f_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt:
         let Some(state) = w.state() else { return write() };
         let data = std::slice::from_raw_parts(buf as *const u8, amt.max(0) as usize);
         match w.kind {
-            FileKind::Wal => {
-                state.wal_write(off as u64, data, || wal_index_header(state.wal_index_addr()), write)
-            }
+            FileKind::Wal => state.wal_write(off as u64, data, || wal_index_header(state.wal_index_addr()), write),
             FileKind::MainDb => match state.before_db_write(off as u64, data) {
                 Ok(()) => write(),
                 Err(e) => {
@@ -833,7 +834,10 @@ impl PrivateDb {
             self.shm_open.set(true);
             if rc & 0xff == ffi::SQLITE_BUSY {
                 // Another process is initializing the -shm file: try again.
-                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("wal-index region {i} is being initialized by another process")));
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("wal-index region {i} is being initialized by another process"),
+                ));
             }
             if rc != ffi::SQLITE_OK || p.is_null() {
                 return Err(io::Error::other(format!("cannot map wal-index region {i} (SQLite error {rc})")));
@@ -988,7 +992,8 @@ impl Connection {
                 return Err(self.errmsg(rc));
             }
             let rc = call!(step(stmt));
-            let out = if rc == ffi::SQLITE_ROW { cstr_opt(call!(column_text(stmt, 0)) as *const c_char).map(|s| s.to_string()) } else { None };
+            let out =
+                if rc == ffi::SQLITE_ROW { cstr_opt(call!(column_text(stmt, 0)) as *const c_char).map(|s| s.to_string()) } else { None };
             let done = rc == ffi::SQLITE_ROW || rc == ffi::SQLITE_DONE;
             let err = if done { None } else { Some(self.errmsg(rc)) };
             call!(finalize(stmt));
@@ -1021,7 +1026,10 @@ pub fn state_of_connection(db: *mut ffi::sqlite3) -> Result<Arc<DbState>, String
     unsafe {
         let name = cstr_opt(call!(db_filename(db, c"main".as_ptr()))).unwrap_or("");
         if name.is_empty() {
-            return Err("this connection's database is in memory or temporary; open a database file after loading walcast (e.g. .open app.db)".into());
+            return Err(
+                "this connection's database is in memory or temporary; open a database file after loading walcast (e.g. .open app.db)"
+                    .into(),
+            );
         }
         let mut vfs: *mut ffi::sqlite3_vfs = ptr::null_mut();
         let rc = call!(file_control(db, c"main".as_ptr(), ffi::SQLITE_FCNTL_VFS_POINTER, &mut vfs as *mut _ as *mut c_void));

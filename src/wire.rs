@@ -68,18 +68,47 @@ pub struct Header {
 pub enum Body<'a> {
     /// `primary_last`: the last frame_no the primary had committed when it sent
     /// this. Frames are consecutive.
-    Frames { primary_last: u64, page_size: u32, frames: Vec<(FrameHeader, &'a [u8])> },
-    Heartbeat { last_frame_no: u64, last_checksum: u64, unix_ms: u64 },
-    ReqFrames { after_frame_no: u64, after_checksum: u64 },
+    Frames {
+        primary_last: u64,
+        page_size: u32,
+        frames: Vec<(FrameHeader, &'a [u8])>,
+    },
+    Heartbeat {
+        last_frame_no: u64,
+        last_checksum: u64,
+        unix_ms: u64,
+    },
+    ReqFrames {
+        after_frame_no: u64,
+        after_checksum: u64,
+    },
     ReqSnapshot,
-    ReqPages { snapshot_id: u64, from_page: u32 },
-    NeedSnapshot { reason: String },
-    Snapshot { snapshot_id: u64, frame_no: u64, checksum: u64, page_size: u32, db_pages: u32 },
+    ReqPages {
+        snapshot_id: u64,
+        from_page: u32,
+    },
+    NeedSnapshot {
+        reason: String,
+    },
+    Snapshot {
+        snapshot_id: u64,
+        frame_no: u64,
+        checksum: u64,
+        page_size: u32,
+        db_pages: u32,
+    },
     /// Pages of snapshot `snapshot_id`, in page order; pages the primary's image
     /// lacks (the lock page) are absent. `next_page` is where the next request
     /// continues; past `db_pages` the snapshot is complete.
-    Pages { snapshot_id: u64, next_page: u32, page_size: u32, pages: Vec<(u32, &'a [u8])> },
-    Error { reason: String },
+    Pages {
+        snapshot_id: u64,
+        next_page: u32,
+        page_size: u32,
+        pages: Vec<(u32, &'a [u8])>,
+    },
+    Error {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +243,15 @@ pub fn error(db_id: [u8; 16], generation: u64, reason: &str) -> Vec<u8> {
     b.finish()
 }
 
-pub fn snapshot(db_id: [u8; 16], generation: u64, snapshot_id: u64, frame_no: u64, checksum: u64, page_size: u32, db_pages: u32) -> Vec<u8> {
+pub fn snapshot(
+    db_id: [u8; 16],
+    generation: u64,
+    snapshot_id: u64,
+    frame_no: u64,
+    checksum: u64,
+    page_size: u32,
+    db_pages: u32,
+) -> Vec<u8> {
     let mut b = Builder::new(&Header { kind: KIND_SNAPSHOT, flags: 0, db_id, generation }, 32);
     b.u64(snapshot_id).u64(frame_no).u64(checksum).u32(page_size).u32(db_pages);
     b.finish()
