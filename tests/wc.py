@@ -38,7 +38,9 @@ def connect(path, timeout=30.0, uri=False):
 def shell(script, load=True, db=None, check=True, cwd=None, timeout=300):
     """Runs the stock sqlite3 shell on `script`. With load, the script starts with
     `.load` then `.open db` (the order the README's quick start gives)."""
-    lines = []
+    # Like any real client, wait for a lock rather than fail at once: walcast's
+    # own background work (a base image) holds the write lock briefly.
+    lines = [".timeout 10000"]
     if load:
         lines.append(f".load {EXT}")
     if db is not None:
