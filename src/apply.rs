@@ -68,13 +68,16 @@ struct Committed {
 }
 
 struct Txn {
-    /// The header as committed before this transaction.
+    /// The header as last published (before the first transaction, or at the
+    /// last `publish`).
     base: IndexHeader,
     /// The header being built.
     hdr: IndexHeader,
     /// WAL frames appended so far beyond `base.mx_frame`.
     frames: u32,
     running: (u32, u32),
+    /// The last transaction end among them: (frames, checksum, database pages).
+    commit_point: Option<(u32, (u32, u32), u32)>,
     buf: Vec<u8>,
     buf_offset: u64,
 }
@@ -203,7 +206,7 @@ impl<S: ShmLocks> WalAppender<S> {
             wal_header = Some(b);
         }
         let base = hdr;
-        let mut t = Txn { base, hdr, frames: 0, running: hdr.frame_cksum, buf: Vec::new(), buf_offset: 0 };
+        let mut t = Txn { base, hdr, frames: 0, running: hdr.frame_cksum, commit_point: None, buf: Vec::new(), buf_offset: 0 };
         t.buf_offset = WAL_HEADER_LEN as u64 + base.mx_frame as u64 * (WAL_FRAME_HEADER_LEN as u64 + self.page_size as u64);
         if let Some(b) = wal_header {
             self.wal.write_all_at(&b, 0)?;
@@ -211,8 +214,9 @@ impl<S: ShmLocks> WalAppender<S> {
         Ok(t)
     }
 
-    /// Appends one frame of the transaction in progress; `commit_size` is the
-    /// database size in pages on the transaction's last frame, 0 otherwise.
+    /// Appends one frame; `commit_size` is the database size in pages on a
+    /// transaction's last frame, 0 otherwise. Several transactions may be
+    /// appended between `begin` and `commit`.
     pub fn append(&mut self, page_no: u32, page: &[u8], commit_size: u32) -> Result<(), ApplyError> {
         let ps = self.page_size as usize;
         let t = self.txn.as_mut().expect("append outside a transaction");
@@ -231,6 +235,9 @@ impl<S: ShmLocks> WalAppender<S> {
         t.buf.extend_from_slice(&fh);
         t.buf.extend_from_slice(page);
         t.frames += 1;
+        if commit_size != 0 {
+            t.commit_point = Some((t.frames, ck, commit_size));
+        }
         let frame = t.base.mx_frame + t.frames;
         let base_mx = t.base.mx_frame;
         if t.buf.len() >= FLUSH_AT {
@@ -250,23 +257,34 @@ impl<S: ShmLocks> WalAppender<S> {
         Ok(())
     }
 
-    /// Makes the transaction visible to readers that start from now on, and
-    /// releases the write lock.
-    pub fn commit(&mut self, commit_size: u32) -> Result<(), ApplyError> {
+    /// Makes every transaction appended in full visible to readers that start
+    /// from now on, keeping the write lock (a transaction still arriving goes on
+    /// after them). One header write for any number of transactions.
+    pub fn publish(&mut self) -> Result<(), ApplyError> {
         if let Err(e) = self.flush() {
             self.abort();
             return Err(e.into());
         }
-        let t = self.txn.take().expect("commit outside a transaction");
+        let t = self.txn.as_mut().expect("publish outside a transaction");
+        let Some((k, cksum, pages)) = t.commit_point.take() else { return Ok(()) };
         let mut h = t.hdr;
-        h.mx_frame = t.base.mx_frame + t.frames;
-        h.n_page = commit_size;
-        h.change = h.change.wrapping_add(1);
-        h.frame_cksum = t.running;
+        h.mx_frame = t.base.mx_frame + k;
+        h.n_page = pages;
+        h.change = t.base.change.wrapping_add(1);
+        h.frame_cksum = cksum;
         h.is_init = true;
+        t.base = h;
+        t.frames -= k;
         walindex::write_header(&self.shm.region(0)?, &h);
         self.last = Some(Committed { salt: h.salt, mx_frame: h.mx_frame, frame_cksum: h.frame_cksum });
-        self.shm.unlock(WRITE_LOCK, 1, true);
+        Ok(())
+    }
+
+    /// Publishes what is complete and releases the write lock; frames of a
+    /// transaction not yet complete are dropped.
+    pub fn commit(&mut self) -> Result<(), ApplyError> {
+        self.publish()?;
+        self.abort();
         Ok(())
     }
 

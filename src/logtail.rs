@@ -221,7 +221,8 @@ impl LogTail {
     ) -> io::Result<()> {
         let rec = unit.record_len() as usize;
         let per_read = (crate::wire::CHUNK_BYTES / rec).max(1);
-        let mut buf = vec![0u8; per_read * rec];
+        // Sized to what is read: most units are a page or two.
+        let mut buf = vec![0u8; ((to + 1).saturating_sub(from) as usize).min(per_read) * rec];
         let mut next = from;
         while next <= to {
             let n = ((to - next + 1) as usize).min(per_read);

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+const BEAT_AFTER_ACTIVITY: Duration = Duration::from_millis(20);
 /// How often the publisher looks at the log without being woken.
 const POLL: Duration = Duration::from_millis(10);
 /// One index entry per this many log bytes (plus one per generation).
@@ -173,17 +174,20 @@ fn publisher_thread(
     };
 
     let mut last_beat = Instant::now() - HEARTBEAT_EVERY;
+    // After activity a heartbeat follows soon, so that a replica whose last
+    // message was lost notices; while idle, one every HEARTBEAT_EVERY.
+    let mut beat_owed = false;
     while !stop.load(Ordering::Acquire) {
         let _ = rx.recv_timeout(POLL);
-        let mut sent_any = false;
+        let mut batch = Batch::default();
         loop {
             match tail.next_unit() {
                 Ok(Some(u)) => {
-                    if let Err(e) = publish_unit(&sockets, &tail, &u) {
+                    if let Err(e) = batch.add(&sockets, &tail, &u) {
                         set_error(stats, name, Some(format!("publishing failed: {e}")));
                     }
                     stats.published_frame_no.store(u.commit.last_frame_no, Ordering::Release);
-                    sent_any = true;
+                    beat_owed = true;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -193,12 +197,15 @@ fn publisher_thread(
                 }
             }
         }
+        batch.send(&sockets);
         stats.replicas.store(replicas.load(Ordering::Acquire), Ordering::Release);
-        if sent_any || last_beat.elapsed() >= HEARTBEAT_EVERY {
+        let since = last_beat.elapsed();
+        if (beat_owed && since >= BEAT_AFTER_ACTIVITY) || since >= HEARTBEAT_EVERY {
             let p = tail.pos;
             let hb = wire::heartbeat(tail.db_id, p.generation, p.last_frame_no, p.last_checksum, crate::log::now_ms());
             let _ = sockets.publish.send(&hb[..]);
             last_beat = Instant::now();
+            beat_owed = false;
         }
     }
     server_stop.store(true, Ordering::Release);
@@ -210,26 +217,46 @@ fn publisher_thread(
     drop(lock);
 }
 
-/// Sends one unit, in chunks of at most `wire::CHUNK_BYTES` of pages.
-fn publish_unit(sockets: &PrimarySockets, tail: &LogTail, u: &Unit) -> io::Result<()> {
-    let mut fb = FramesBuilder::new(
-        tail.db_id,
-        u.generation,
-        if u.gen_start { wire::FLAG_GENERATION_START } else { 0 },
-        u.commit.last_frame_no,
-        u.page_size,
-    );
-    tail.read_frames(u, u.first_frame_no, u.commit.last_frame_no, |h, page| {
-        if fb.full() {
-            let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, u.generation, 0, u.commit.last_frame_no, u.page_size));
-            // A full queue drops the message: the replica sees the gap and catches up.
-            let _ = sockets.publish.send(&full.finish()[..]);
+/// Units on their way out: the units found in one look at the log go out
+/// together, in messages of at most `wire::CHUNK_BYTES` of pages, so that a
+/// burst of small transactions costs one message (and one apply) per chunk, not
+/// one per transaction. A message holds frames of one generation; a base image
+/// starts its own.
+#[derive(Default)]
+struct Batch {
+    fb: Option<(FramesBuilder, u64)>,
+}
+
+impl Batch {
+    fn add(&mut self, sockets: &PrimarySockets, tail: &LogTail, u: &Unit) -> io::Result<()> {
+        let fits = |fb: &FramesBuilder| !u.gen_start && fb.page_size() == u.page_size && fb.room() >= u.frame_count();
+        if self.fb.as_ref().is_some_and(|(fb, generation)| *generation != u.generation || !fits(fb)) {
+            self.send(sockets);
         }
-        fb.push(h, page);
-        Ok(true)
-    })?;
-    let _ = sockets.publish.send(&fb.finish()[..]);
-    Ok(())
+        let flags = if u.gen_start { wire::FLAG_GENERATION_START } else { 0 };
+        let mut fb = match self.fb.take() {
+            Some((fb, _)) => fb,
+            None => FramesBuilder::new(tail.db_id, u.generation, flags, u.commit.last_frame_no, u.page_size),
+        };
+        tail.read_frames(u, u.first_frame_no, u.commit.last_frame_no, |h, page| {
+            if fb.full() {
+                let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, u.generation, 0, u.commit.last_frame_no, u.page_size));
+                // A full queue drops the message: the replica sees the gap and catches up.
+                let _ = sockets.publish.send(&full.finish()[..]);
+            }
+            fb.push(h, page);
+            Ok(true)
+        })?;
+        fb.set_primary_last(u.commit.last_frame_no);
+        self.fb = Some((fb, u.generation));
+        Ok(())
+    }
+
+    fn send(&mut self, sockets: &PrimarySockets) {
+        if let Some((fb, _)) = self.fb.take() {
+            let _ = sockets.publish.send(&fb.finish()[..]);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -321,6 +321,8 @@ enum Outcome {
     Rejected(String),
 }
 
+/// A WAL transaction of the applier's that is open: it holds the write lock,
+/// and frames of a transaction still arriving may follow.
 struct Pending {
     next_frame: u64,
     prev_checksum: u64,
@@ -576,56 +578,69 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             Some(p) => (p.next_frame, p.prev_checksum),
             None => (pos.frame_no + 1, pos.checksum),
         };
-        for (i, (fh, page)) in frames.iter().enumerate() {
-            if fh.frame_no < expected {
-                continue; // a duplicate of what is applied or pending
-            }
-            if fh.frame_no > expected {
-                // Catch-up continues from here, also inside a transaction.
-                return Outcome::Gap;
-            }
-            if self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0) {
-                self.abort_pending();
-                return Outcome::Gap;
-            }
-            if !fh.chains_from(prev, page) {
-                self.abort_pending();
-                return Outcome::Rejected(format!(
-                    "refused frame_no {}: checksum chain broken (a bad frame is never applied)",
-                    fh.frame_no
-                ));
-            }
-            if fh.page_no == 0 {
-                self.abort_pending();
-                return Outcome::Rejected(format!("refused frame_no {}: page_no 0", fh.frame_no));
-            }
-            if self.pending.is_none() {
-                if let Err(e) = self.begin() {
-                    return Outcome::Rejected(e);
+        // Every transaction completed by this message becomes visible at once, at
+        // the end (one header write, one position write).
+        let mut done: Option<Position> = None;
+        let outcome = 'frames: {
+            for (i, (fh, page)) in frames.iter().enumerate() {
+                if fh.frame_no < expected {
+                    continue; // a duplicate of what is applied or pending
                 }
-                self.pending = Some(Pending { next_frame: expected, prev_checksum: prev, generation: h.generation });
+                if fh.frame_no > expected {
+                    // Catch-up continues from here, also inside a transaction.
+                    break 'frames Outcome::Gap;
+                }
+                if self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0) {
+                    break 'frames Outcome::Gap;
+                }
+                if !fh.chains_from(prev, page) {
+                    break 'frames Outcome::Rejected(format!(
+                        "refused frame_no {}: checksum chain broken (a bad frame is never applied)",
+                        fh.frame_no
+                    ));
+                }
+                if fh.page_no == 0 {
+                    break 'frames Outcome::Rejected(format!("refused frame_no {}: page_no 0", fh.frame_no));
+                }
+                if self.pending.is_none() {
+                    if let Err(e) = self.begin() {
+                        break 'frames Outcome::Rejected(e);
+                    }
+                    self.pending = Some(Pending { next_frame: expected, prev_checksum: prev, generation: h.generation });
+                }
+                let app = self.app.as_mut().unwrap();
+                if let Err(e) = app.append(fh.page_no, page, fh.size_after) {
+                    break 'frames Outcome::Rejected(format!("cannot write the replica's WAL: {e}"));
+                }
+                prev = fh.checksum;
+                expected += 1;
+                let p = self.pending.as_mut().unwrap();
+                p.next_frame = expected;
+                p.prev_checksum = prev;
+                if fh.size_after != 0 {
+                    done = Some(Position { db_id: pos.db_id, generation: p.generation, frame_no: fh.frame_no, checksum: fh.checksum, page_size });
+                }
             }
+            Outcome::Applied
+        };
+        let in_txn = self.pending.as_ref().is_some_and(|p| done.is_none_or(|d| p.next_frame > d.frame_no + 1));
+        if let Some(d) = done {
             let app = self.app.as_mut().unwrap();
-            if let Err(e) = app.append(fh.page_no, page, fh.size_after) {
-                self.abort_pending();
-                return Outcome::Rejected(format!("cannot write the replica's WAL: {e}"));
-            }
-            prev = fh.checksum;
-            expected += 1;
-            let p = self.pending.as_mut().unwrap();
-            p.next_frame = expected;
-            p.prev_checksum = prev;
-            if fh.size_after != 0 {
-                let generation = p.generation;
-                if let Err(e) = self.app.as_mut().unwrap().commit(fh.size_after) {
-                    self.pending = None;
-                    return Outcome::Rejected(format!("cannot commit to the replica's WAL: {e}"));
-                }
+            // A transaction that is still arriving keeps the write lock.
+            let r = if in_txn && matches!(outcome, Outcome::Applied | Outcome::Gap) { app.publish() } else { app.commit() };
+            if let Err(e) = r {
                 self.pending = None;
-                self.applied(Position { db_id: pos.db_id, generation, frame_no: fh.frame_no, checksum: fh.checksum, page_size });
+                return Outcome::Rejected(format!("cannot commit to the replica's WAL: {e}"));
             }
+            if !app.in_txn() {
+                self.pending = None;
+            }
+            self.applied(d);
         }
-        Outcome::Applied
+        if let Outcome::Rejected(_) = outcome {
+            self.abort_pending();
+        }
+        outcome
     }
 
     /// Starts a WAL transaction, waiting briefly for a checkpoint or a
@@ -776,7 +791,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             let (hn, hp) = held.ok_or("the snapshot holds no pages")?;
             let app = self.app.as_mut().unwrap();
             app.append(hn, &hp, db_pages).map_err(|e| e.to_string())?;
-            app.commit(db_pages).map_err(|e| e.to_string())
+            app.commit().map_err(|e| e.to_string())
         })();
         if let Err(e) = r {
             self.app.as_mut().unwrap().abort();
