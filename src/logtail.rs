@@ -58,8 +58,10 @@ impl Unit {
     }
 }
 
+#[derive(Clone)]
 pub struct LogTail {
-    file: File,
+    /// Shared, so that a reader positioned elsewhere costs no system call.
+    file: std::sync::Arc<File>,
     pub db_id: [u8; 16],
     pub seed: u64,
     pub pos: Pos,
@@ -83,7 +85,7 @@ impl LogTail {
             last_checksum: st.last_checksum,
             db_pages: st.db_pages,
         };
-        Ok(LogTail { file: lf.file, db_id: lf.id.db_id, seed: lf.id.seed, pos })
+        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, seed: lf.id.seed, pos })
     }
 
     pub fn file(&self) -> &File {

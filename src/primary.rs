@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 /// How long a synchronous catch-up (SQL functions, setting the role) waits for
 /// writers to let a base image be taken.
 const IMAGE_WAIT: Duration = Duration::from_secs(10);
+/// The least time between two capture passes while commits stream in.
+const CAPTURE_COALESCE: Duration = Duration::from_micros(100);
 
 /// Writes a walcast message to stderr, where a user finds it, and to SQLite's
 /// error log; repeated identical messages are shown once.
@@ -521,6 +523,7 @@ impl DbState {
     /// The capture thread: woken after each write transaction (and once a second,
     /// to notice writes made without walcast), it brings the log up to the WAL.
     fn capture_thread(self: Arc<Self>) {
+        let mut last_run = Instant::now() - CAPTURE_COALESCE;
         loop {
             // While this process has the database open, look once a second for
             // writes made without walcast. Once it has closed it, touch nothing
@@ -533,6 +536,14 @@ impl DbState {
             if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
                 continue;
             }
+            // Under a stream of commits, copy several per pass: the fixed cost
+            // of a pass (locks, opening the WAL) is then shared. An isolated
+            // commit is copied at once.
+            let since = last_run.elapsed();
+            if since < CAPTURE_COALESCE {
+                std::thread::sleep(CAPTURE_COALESCE - since);
+            }
+            last_run = Instant::now();
             // A base image waits for writers; give up after a short while and
             // try again at the next wake-up rather than spin.
             for attempt in 0..50 {

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 const BEAT_AFTER_ACTIVITY: Duration = Duration::from_millis(20);
+/// The least time between two live messages while commits stream in.
+const COALESCE: Duration = Duration::from_micros(200);
 /// How often the publisher looks at the log without being woken.
 const POLL: Duration = Duration::from_millis(10);
 /// One index entry per this many log bytes (plus one per generation).
@@ -177,8 +179,16 @@ fn publisher_thread(
     // After activity a heartbeat follows soon, so that a replica whose last
     // message was lost notices; while idle, one every HEARTBEAT_EVERY.
     let mut beat_owed = false;
+    let mut last_send = Instant::now() - COALESCE;
     while !stop.load(Ordering::Acquire) {
         let _ = rx.recv_timeout(POLL);
+        // Under a stream of commits, gather what a short window brings into one
+        // message rather than send one per commit: bounded added latency, far
+        // fewer messages (and applies) per second. Idle-to-busy sends at once.
+        let since = last_send.elapsed();
+        if since < COALESCE {
+            std::thread::sleep(COALESCE - since);
+        }
         let mut batch = Batch::default();
         loop {
             match tail.next_unit() {
@@ -197,7 +207,9 @@ fn publisher_thread(
                 }
             }
         }
-        batch.send(&sockets);
+        if batch.send(&sockets) {
+            last_send = Instant::now();
+        }
         stats.replicas.store(replicas.load(Ordering::Acquire), Ordering::Release);
         let since = last_beat.elapsed();
         if (beat_owed && since >= BEAT_AFTER_ACTIVITY) || since >= HEARTBEAT_EVERY {
@@ -252,9 +264,13 @@ impl Batch {
         Ok(())
     }
 
-    fn send(&mut self, sockets: &PrimarySockets) {
-        if let Some((fb, _)) = self.fb.take() {
-            let _ = sockets.publish.send(&fb.finish()[..]);
+    fn send(&mut self, sockets: &PrimarySockets) -> bool {
+        match self.fb.take() {
+            Some((fb, _)) => {
+                let _ = sockets.publish.send(&fb.finish()[..]);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -302,8 +318,8 @@ impl Index {
     }
 
     /// A reader positioned just before the unit that holds `frame_no`, and that unit.
-    fn find(&self, path: &std::path::Path, frame_no: u64) -> io::Result<Option<(LogTail, Unit)>> {
-        let mut t = LogTail::open(path, true)?;
+    fn find(&self, frame_no: u64) -> io::Result<Option<(LogTail, Unit)>> {
+        let mut t = self.tail.clone();
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(u) = recent.as_ref().filter(|u| (u.first_frame_no..=u.commit.last_frame_no).contains(&frame_no)) {
             t.pos = Pos {
@@ -365,7 +381,7 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
         snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
         let reply = match index.refresh() {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
-            Ok(()) => match answer(&index, path, &msg, &mut snapshots, &mut next_snapshot_id, stats) {
+            Ok(()) => match answer(&index, &msg, &mut snapshots, &mut next_snapshot_id, stats) {
                 Ok(r) => r,
                 Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
             },
@@ -376,7 +392,6 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
 
 fn answer(
     index: &Index,
-    path: &std::path::Path,
     msg: &[u8],
     snapshots: &mut VecDeque<Snapshot>,
     next_id: &mut u64,
@@ -407,7 +422,7 @@ fn answer(
                 }
                 return Ok(FramesBuilder::new(db_id, last.generation, 0, last.last_frame_no, last.page_size.max(512)).finish());
             }
-            let Some((mut t, mut u)) = index.find(path, n + 1).map_err(|e| e.to_string())? else {
+            let Some((mut t, mut u)) = index.find(n + 1).map_err(|e| e.to_string())? else {
                 return need(format!("frame_no {} is outside the log's window", n + 1));
             };
             let at_n = if n + 1 == u.first_frame_no { u.prev_checksum } else { t.frame_header(&u, n).map_err(|e| e.to_string())?.checksum };
@@ -443,7 +458,7 @@ fn answer(
             Ok(fb.finish())
         }
         Body::ReqSnapshot => {
-            let snap = build_snapshot(index, path, *next_id).map_err(|e| format!("cannot build a snapshot: {e}"))?;
+            let snap = build_snapshot(index, *next_id).map_err(|e| format!("cannot build a snapshot: {e}"))?;
             *next_id += 1;
             stats.snapshots_served.fetch_add(1, Ordering::Relaxed);
             let reply = wire::snapshot(db_id, snap.generation, snap.id, snap.frame_no, snap.checksum, snap.page_size, snap.db_pages);
@@ -458,7 +473,7 @@ fn answer(
                 return Ok(wire::error(db_id, last.generation, &format!("snapshot {snapshot_id} expired; start a new one")));
             };
             s.used = Instant::now();
-            let t = LogTail::open(path, true).map_err(|e| e.to_string())?;
+            let t = &index.tail;
             let mut pb = PagesBuilder::new(db_id, s.generation, s.id, s.page_size);
             let mut page = vec![0u8; s.page_size as usize];
             let mut p = from_page.max(1);
@@ -477,10 +492,10 @@ fn answer(
 }
 
 /// The newest image of every page of the current generation, as log offsets.
-fn build_snapshot(index: &Index, path: &std::path::Path, id: u64) -> io::Result<Snapshot> {
+fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
     let last = index.last();
     let Some(start) = index.gen_start else { return Err(io::Error::other("the log holds no base image yet")) };
-    let mut t = LogTail::open(path, true)?;
+    let mut t = index.tail.clone();
     t.pos = start;
     let mut pages: Vec<u64> = Vec::new();
     let mut end = start;

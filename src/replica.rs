@@ -618,7 +618,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 p.next_frame = expected;
                 p.prev_checksum = prev;
                 if fh.size_after != 0 {
-                    done = Some(Position { db_id: pos.db_id, generation: p.generation, frame_no: fh.frame_no, checksum: fh.checksum, page_size });
+                    done = Some(Position {
+                        db_id: pos.db_id,
+                        generation: p.generation,
+                        frame_no: fh.frame_no,
+                        checksum: fh.checksum,
+                        page_size,
+                    });
                 }
             }
             Outcome::Applied
