@@ -200,6 +200,9 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
     if problem.is_none() {
         if let (WalCursor::InWal(pos), Some(w)) = (log.state.cursor, &wal) {
             let limit = paths.limit(w, Some(pos), imaging.db())?;
+            if let Some(l) = limit {
+                w.limit_read_ahead(l);
+            }
             problem = append_commits(log, w, pos, limit, claims, claim_state, &mut out)?;
         }
     }

@@ -65,6 +65,10 @@ pub struct LogTail {
     pub db_id: [u8; 16],
     pub seed: u64,
     pub pos: Pos,
+    /// Bytes read ahead for `next_unit`, from `window_at`: one read serves the
+    /// record headers of many small units.
+    window: Vec<u8>,
+    window_at: u64,
 }
 
 fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
@@ -85,7 +89,7 @@ impl LogTail {
             last_checksum: st.last_checksum,
             db_pages: st.db_pages,
         };
-        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, seed: lf.id.seed, pos })
+        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, seed: lf.id.seed, pos, window: Vec::new(), window_at: 0 })
     }
 
     pub fn file(&self) -> &File {
@@ -106,6 +110,30 @@ impl LogTail {
         Ok(n)
     }
 
+    /// Forgets bytes read ahead: the log's end may have been rewritten (a
+    /// dropped batch) since. Call before each look for new units.
+    pub fn forget_window(&mut self) {
+        self.window.clear();
+    }
+
+    /// Up to `buf.len()` bytes at `off`, through the read-ahead window.
+    fn read_ahead(&mut self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        const AHEAD: usize = 64 << 10;
+        let end = self.window_at + self.window.len() as u64;
+        if off < self.window_at || off + buf.len() as u64 > end {
+            self.window.resize(AHEAD.max(buf.len()), 0);
+            let mut w = std::mem::take(&mut self.window);
+            let n = self.read_some(&mut w, off)?;
+            w.truncate(n);
+            self.window = w;
+            self.window_at = off;
+        }
+        let from = (off - self.window_at) as usize;
+        let n = buf.len().min(self.window.len() - from);
+        buf[..n].copy_from_slice(&self.window[from..from + n]);
+        Ok(n)
+    }
+
     /// Finds the next complete unit after `pos` and advances past it (and past
     /// any WAL event records before it). None when the log holds no further
     /// complete unit yet.
@@ -118,7 +146,7 @@ impl LogTail {
         let mut expect = self.pos.last_frame_no + 1;
         loop {
             let mut head = [0u8; 1 + FRAME_HEADER_LEN];
-            let n = self.read_some(&mut head, off)?;
+            let n = self.read_ahead(&mut head, off)?;
             if n == 0 {
                 return Ok(None);
             }
@@ -140,7 +168,7 @@ impl LogTail {
                 }
                 TAG_COMMIT => {
                     let mut b = [0u8; COMMIT_LEN];
-                    if self.read_some(&mut b, off)? < COMMIT_LEN {
+                    if self.read_ahead(&mut b, off)? < COMMIT_LEN {
                         return Ok(None);
                     }
                     let c = CommitRecord::decode(&b).ok_or_else(|| corrupt(off, "commit record checksum mismatch"))?;
@@ -173,7 +201,7 @@ impl LogTail {
                 }
                 TAG_GENERATION => {
                     let mut b = vec![0u8; 31 + MAX_REASON + 8];
-                    let n = self.read_some(&mut b, off)?;
+                    let n = self.read_ahead(&mut b, off)?;
                     if n < 31 {
                         return Ok(None);
                     }
@@ -201,7 +229,7 @@ impl LogTail {
                         return Err(corrupt(off, "WAL event record inside a transaction"));
                     }
                     let mut b = [0u8; WAL_EVENT_LEN];
-                    if self.read_some(&mut b, off)? < WAL_EVENT_LEN {
+                    if self.read_ahead(&mut b, off)? < WAL_EVENT_LEN {
                         return Ok(None);
                     }
                     off += WAL_EVENT_LEN as u64;

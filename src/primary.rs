@@ -60,6 +60,8 @@ struct Inner {
     publisher: Option<crate::publish::Publisher>,
     /// On a replica: the thread that applies, or waits to.
     replica: Option<ReplicaThread>,
+    /// The capture thread's handle on the database file.
+    capture_db: Option<PrivateDb>,
     /// The last capture failure, cleared by the next success.
     last_error: Option<String>,
     /// Capture cannot continue (the log is unusable): writes are refused.
@@ -147,7 +149,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wal_path: format!("{db_path}-wal").into(),
                 log_path: format!("{db_path}-walcast").into(),
                 conf_path: format!("{db_path}-walcast-conf").into(),
-                inner: Mutex::new(Inner { role: Role::Off, log: None, publisher: None, replica: None, last_error: None, fatal: None }),
+                inner: Mutex::new(Inner { role: Role::Off, log: None, publisher: None, replica: None, capture_db: None, last_error: None, fatal: None }),
                 replica_role: AtomicBool::new(false),
                 capturing: AtomicBool::new(false),
                 refusing_writes: AtomicBool::new(false),
@@ -534,6 +536,7 @@ impl DbState {
                 let _ = self.wake_rx.recv();
             }
             if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
+                self.lock().capture_db = None;
                 continue;
             }
             // Under a stream of commits, copy several per pass: the fixed cost
@@ -564,10 +567,17 @@ impl DbState {
         if g.fatal.is_some() || g.role != Role::Primary {
             return Ok(CatchUp::default());
         }
-        let Some(log) = g.log.as_mut() else { return Ok(CatchUp::default()) };
+        let Inner { log, capture_db, .. } = g;
+        let Some(log) = log.as_mut() else { return Ok(CatchUp::default()) };
         let r = (|| {
             let _locked = log.lock().map_err(CaptureError::Io)?;
-            PrivateDb::open(&self.db_path).map_err(CaptureError::Io).and_then(|db| {
+            // The handle is kept between passes (opening a file costs system
+            // calls on every pass); its wal-index mapping is not (see below).
+            if capture_db.is_none() {
+                *capture_db = Some(PrivateDb::open(&self.db_path).map_err(CaptureError::Io)?);
+            }
+            let db = capture_db.as_ref().unwrap();
+            let r = (|| {
                 // Read what is committed before reading the WAL: a commit that
                 // lands in between is taken at the next wake-up.
                 // (No WAL, nothing to bound: then do not create a wal-index either.)
@@ -577,9 +587,14 @@ impl DbState {
                 let mut lock = || db.try_lock_writer();
                 let mut committed = read_mark;
                 let mut unlock = || db.unlock_writer();
-                let imaging = Imaging::TakeWriteLock { db: &db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
+                let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
                 capture::catch_up(log, &paths, imaging, self.claims.get())
-            })
+            })();
+            // Holding a wal-index mapping between passes would keep this
+            // process's -shm open after the application closed the database.
+            db.unlock_writer();
+            db.release_shm();
+            r
         })();
         self.record(g, r)
     }

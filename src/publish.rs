@@ -190,6 +190,7 @@ fn publisher_thread(
             std::thread::sleep(COALESCE - since);
         }
         let mut batch = Batch::default();
+        tail.forget_window();
         loop {
             match tail.next_unit() {
                 Ok(Some(u)) => {
@@ -298,6 +299,7 @@ impl Index {
     }
 
     fn refresh(&mut self) -> io::Result<()> {
+        self.tail.forget_window();
         loop {
             let before = self.tail.pos;
             let Some(u) = self.tail.next_unit()? else { return Ok(()) };

@@ -413,6 +413,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 }
             }
             match socks.subscribe.recv() {
+                Ok(msg) if self.faults.off() => self.on_message(msg.as_slice()),
                 Ok(msg) => {
                     for m in self.faults.filter(msg.as_slice().to_vec()) {
                         self.on_message(&m);
@@ -927,10 +928,11 @@ impl Faults {
         (self.rng >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 
+    fn off(&self) -> bool {
+        self.drop == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.corrupt == 0.0
+    }
+
     fn filter(&mut self, mut m: Vec<u8>) -> Vec<Vec<u8>> {
-        if self.drop == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.corrupt == 0.0 {
-            return vec![m];
-        }
         if self.chance(self.drop) {
             return vec![];
         }

@@ -796,6 +796,15 @@ impl PrivateDb {
         }
     }
 
+    /// Drops this handle's wal-index mapping (as a connection that closes does).
+    pub fn release_shm(&self) {
+        if self.shm_open.replace(false) {
+            unsafe {
+                (self.methods().xShmUnmap.unwrap())(self.file(), 0);
+            }
+        }
+    }
+
     pub fn unlock_writer(&self) {
         if self.writer_locked.get() {
             unsafe {

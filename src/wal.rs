@@ -119,7 +119,15 @@ pub struct WalFile {
     file: File,
     pub header: WalHeader,
     len: u64,
+    /// Frames read ahead: a pass over a few small transactions reads the WAL
+    /// once instead of once per frame header and page. Never past `read_end`.
+    window: std::cell::RefCell<Vec<u8>>,
+    window_at: std::cell::Cell<u64>,
+    read_end: std::cell::Cell<u64>,
 }
+
+/// How far frame reads look ahead.
+const READ_AHEAD: u64 = 1 << 20;
 
 impl WalFile {
     /// Opens the WAL; Ok(None) when it is missing, empty or has no valid header.
@@ -135,11 +143,54 @@ impl WalFile {
             return Ok(None);
         }
         file.read_exact_at(&mut hdr, 0)?;
-        Ok(WalHeader::parse(&hdr).map(|header| WalFile { file, header, len }))
+        Ok(WalHeader::parse(&hdr).map(|header| WalFile {
+            file,
+            header,
+            len,
+            window: Default::default(),
+            window_at: Default::default(),
+            read_end: std::cell::Cell::new(u64::MAX),
+        }))
     }
 
     pub fn page_size(&self) -> usize {
         self.header.page_size as usize
+    }
+
+    /// Reads ahead no further than frame `frame` (what the wal-index says is
+    /// committed): frames past it may be being written, or be left over.
+    pub fn limit_read_ahead(&self, frame: u32) {
+        self.read_end.set(self.frame_offset(frame + 1));
+    }
+
+    /// `read_exact_at` through the read-ahead window.
+    fn read_frames_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut w = self.window.borrow_mut();
+        let at = self.window_at.get();
+        let end = off + buf.len() as u64;
+        if off < at || end > at + w.len() as u64 {
+            // Forward reads look ahead; a backward walk (last_versions) looks behind.
+            let start = if off < at { end.saturating_sub(READ_AHEAD).min(off) } else { off };
+            let want = if off < at { end - start } else { self.read_end.get().min(off + READ_AHEAD).max(end) - start };
+            w.resize(want as usize, 0);
+            let mut n = 0;
+            while n < w.len() {
+                match self.file.read_at(&mut w[n..], start + n as u64) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            w.truncate(n);
+            self.window_at.set(start);
+            if start + (n as u64) < end {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "WAL ends inside a frame"));
+            }
+        }
+        let from = (off - self.window_at.get()) as usize;
+        buf.copy_from_slice(&w[from..from + buf.len()]);
+        Ok(())
     }
 
     pub fn start(&self) -> WalPos {
@@ -158,7 +209,7 @@ impl WalFile {
 
     pub fn read_frame_header(&self, frame: u32) -> io::Result<WalFrameHeader> {
         let mut b = [0u8; WAL_FRAME_HEADER_LEN];
-        self.file.read_exact_at(&mut b, self.frame_offset(frame))?;
+        self.read_frames_at(&mut b, self.frame_offset(frame))?;
         Ok(WalFrameHeader::parse(&b))
     }
 
@@ -169,12 +220,12 @@ impl WalFile {
 
     /// Reads whole frames from `first` on into `buf` (a multiple of the frame size).
     pub fn read_frames(&self, first: u32, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, self.frame_offset(first))
+        self.read_frames_at(buf, self.frame_offset(first))
     }
 
     /// Reads only the page of a frame.
     pub fn read_page(&self, frame: u32, page: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(page, self.frame_offset(frame) + WAL_FRAME_HEADER_LEN as u64)
+        self.read_frames_at(page, self.frame_offset(frame) + WAL_FRAME_HEADER_LEN as u64)
     }
 
     /// True when `pos` is a real position in this WAL: same salts, and the frame it
@@ -211,7 +262,7 @@ impl WalFile {
             frame += 1;
             // A frame being written concurrently, or left over from a rolled-back
             // transaction, fails one of these checks: that is the end of the log.
-            if self.file.read_exact_at(scratch, self.frame_offset(frame)).is_err() {
+            if self.read_frames_at(scratch, self.frame_offset(frame)).is_err() {
                 return Ok(None);
             }
             let (head, page) = scratch.split_at(WAL_FRAME_HEADER_LEN);
