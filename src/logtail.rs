@@ -279,6 +279,53 @@ impl LogTail {
         Ok(())
     }
 
+    /// Calls `each` for every frame record from `from` (the offset of an F
+    /// record) up to `end` (a unit boundary), in order, skipping commit and WAL
+    /// event records, reading in chunks of about `CHUNK_BYTES`: units that lie
+    /// next to each other cost one read, not one per unit. Stops at a generation
+    /// record, or when `each` returns false. Returns the offset where it stopped.
+    pub fn frames_in_range(
+        &self,
+        from: u64,
+        end: u64,
+        page_size: u32,
+        mut each: impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>,
+    ) -> io::Result<u64> {
+        let rec = 1 + FRAME_HEADER_LEN + page_size as usize;
+        let mut buf = vec![0u8; (crate::wire::CHUNK_BYTES + rec).min((end - from) as usize)];
+        let mut off = from;
+        while off < end {
+            let want = buf.len().min((end - off) as usize);
+            let got = self.read_some(&mut buf[..want], off)?;
+            let mut i = 0;
+            while i < got {
+                let tag = buf[i];
+                let len = match tag {
+                    TAG_FRAME => rec,
+                    TAG_COMMIT => COMMIT_LEN,
+                    TAG_WAL_EVENT => WAL_EVENT_LEN,
+                    TAG_GENERATION => return Ok(off + i as u64),
+                    t => return Err(corrupt(off + i as u64, format!("unknown record tag 0x{t:02x}"))),
+                };
+                if i + len > got {
+                    break; // the record continues in the next read
+                }
+                if tag == TAG_FRAME {
+                    let fh = FrameHeader::decode(buf[i + 1..i + 1 + FRAME_HEADER_LEN].try_into().unwrap());
+                    if !each(&fh, &buf[i + 1 + FRAME_HEADER_LEN..i + len])? {
+                        return Ok(off + i as u64);
+                    }
+                }
+                i += len;
+            }
+            if i == 0 {
+                return Err(corrupt(off, "log ends inside a committed record"));
+            }
+            off += i as u64;
+        }
+        Ok(off)
+    }
+
     /// The header (without the page) of one frame of `unit`.
     pub fn frame_header(&self, unit: &Unit, frame_no: u64) -> io::Result<FrameHeader> {
         let mut head = [0u8; 1 + FRAME_HEADER_LEN];

@@ -149,7 +149,15 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wal_path: format!("{db_path}-wal").into(),
                 log_path: format!("{db_path}-walcast").into(),
                 conf_path: format!("{db_path}-walcast-conf").into(),
-                inner: Mutex::new(Inner { role: Role::Off, log: None, publisher: None, replica: None, capture_db: None, last_error: None, fatal: None }),
+                inner: Mutex::new(Inner {
+                    role: Role::Off,
+                    log: None,
+                    publisher: None,
+                    replica: None,
+                    capture_db: None,
+                    last_error: None,
+                    fatal: None,
+                }),
                 replica_role: AtomicBool::new(false),
                 capturing: AtomicBool::new(false),
                 refusing_writes: AtomicBool::new(false),
@@ -577,19 +585,17 @@ impl DbState {
                 *capture_db = Some(PrivateDb::open(&self.db_path).map_err(CaptureError::Io)?);
             }
             let db = capture_db.as_ref().unwrap();
-            let r = (|| {
-                // Read what is committed before reading the WAL: a commit that
-                // lands in between is taken at the next wake-up.
-                // (No WAL, nothing to bound: then do not create a wal-index either.)
-                let read_mark = || db.wal_index_mark().map_or(Committed::Unknown, Committed::WalIndex);
-                let committed = if self.wal_path.exists() { read_mark() } else { Committed::Unknown };
-                let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
-                let mut lock = || db.try_lock_writer();
-                let mut committed = read_mark;
-                let mut unlock = || db.unlock_writer();
-                let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
-                capture::catch_up(log, &paths, imaging, self.claims.get())
-            })();
+            // Read what is committed before reading the WAL: a commit that
+            // lands in between is taken at the next wake-up.
+            // (No WAL, nothing to bound: then do not create a wal-index either.)
+            let read_mark = || db.wal_index_mark().map_or(Committed::Unknown, Committed::WalIndex);
+            let committed = if self.wal_path.exists() { read_mark() } else { Committed::Unknown };
+            let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
+            let mut lock = || db.try_lock_writer();
+            let mut committed = read_mark;
+            let mut unlock = || db.unlock_writer();
+            let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
+            let r = capture::catch_up(log, &paths, imaging, self.claims.get());
             // Holding a wal-index mapping between passes would keep this
             // process's -shm open after the application closed the database.
             db.unlock_writer();

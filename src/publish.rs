@@ -208,8 +208,10 @@ fn publisher_thread(
                 }
             }
         }
-        if batch.send(&sockets) {
-            last_send = Instant::now();
+        match batch.send(&sockets, &tail) {
+            Ok(true) => last_send = Instant::now(),
+            Ok(false) => {}
+            Err(e) => set_error(stats, name, Some(format!("publishing failed: {e}"))),
         }
         stats.replicas.store(replicas.load(Ordering::Acquire), Ordering::Release);
         let since = last_beat.elapsed();
@@ -231,48 +233,61 @@ fn publisher_thread(
 }
 
 /// Units on their way out: the units found in one look at the log go out
-/// together, in messages of at most `wire::CHUNK_BYTES` of pages, so that a
-/// burst of small transactions costs one message (and one apply) per chunk, not
-/// one per transaction. A message holds frames of one generation; a base image
-/// starts its own.
+/// together, read with one read per ~1 MiB and sent in messages of at most
+/// `wire::CHUNK_BYTES` of pages, so that a burst of small transactions costs one
+/// message (and one apply) per chunk, not one per transaction. A message holds
+/// frames of one generation; a base image starts its own.
 #[derive(Default)]
 struct Batch {
-    fb: Option<(FramesBuilder, u64)>,
+    span: Option<Span>,
+}
+
+/// Consecutive units of one generation, as log offsets.
+struct Span {
+    from: u64,
+    end: u64,
+    generation: u64,
+    page_size: u32,
+    gen_start: bool,
+    last_frame_no: u64,
 }
 
 impl Batch {
     fn add(&mut self, sockets: &PrimarySockets, tail: &LogTail, u: &Unit) -> io::Result<()> {
-        let fits = |fb: &FramesBuilder| !u.gen_start && fb.page_size() == u.page_size && fb.room() >= u.frame_count();
-        if self.fb.as_ref().is_some_and(|(fb, generation)| *generation != u.generation || !fits(fb)) {
-            self.send(sockets);
+        if let Some(s) = &mut self.span {
+            if !u.gen_start && s.generation == u.generation && s.page_size == u.page_size {
+                s.end = u.end;
+                s.last_frame_no = u.commit.last_frame_no;
+                return Ok(());
+            }
+            self.send(sockets, tail)?;
         }
-        let flags = if u.gen_start { wire::FLAG_GENERATION_START } else { 0 };
-        let mut fb = match self.fb.take() {
-            Some((fb, _)) => fb,
-            None => FramesBuilder::new(tail.db_id, u.generation, flags, u.commit.last_frame_no, u.page_size),
-        };
-        tail.read_frames(u, u.first_frame_no, u.commit.last_frame_no, |h, page| {
+        self.span = Some(Span {
+            from: u.frames_offset,
+            end: u.end,
+            generation: u.generation,
+            page_size: u.page_size,
+            gen_start: u.gen_start,
+            last_frame_no: u.commit.last_frame_no,
+        });
+        Ok(())
+    }
+
+    fn send(&mut self, sockets: &PrimarySockets, tail: &LogTail) -> io::Result<bool> {
+        let Some(s) = self.span.take() else { return Ok(false) };
+        let flags = if s.gen_start { wire::FLAG_GENERATION_START } else { 0 };
+        let mut fb = FramesBuilder::new(tail.db_id, s.generation, flags, s.last_frame_no, s.page_size);
+        tail.frames_in_range(s.from, s.end, s.page_size, |h, page| {
             if fb.full() {
-                let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, u.generation, 0, u.commit.last_frame_no, u.page_size));
+                let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, s.generation, 0, s.last_frame_no, s.page_size));
                 // A full queue drops the message: the replica sees the gap and catches up.
                 let _ = sockets.publish.send(&full.finish()[..]);
             }
             fb.push(h, page);
             Ok(true)
         })?;
-        fb.set_primary_last(u.commit.last_frame_no);
-        self.fb = Some((fb, u.generation));
-        Ok(())
-    }
-
-    fn send(&mut self, sockets: &PrimarySockets) -> bool {
-        match self.fb.take() {
-            Some((fb, _)) => {
-                let _ = sockets.publish.send(&fb.finish()[..]);
-                true
-            }
-            None => false,
-        }
+        let _ = sockets.publish.send(&fb.finish()[..]);
+        Ok(true)
     }
 }
 
@@ -424,7 +439,7 @@ fn answer(
                 }
                 return Ok(FramesBuilder::new(db_id, last.generation, 0, last.last_frame_no, last.page_size.max(512)).finish());
             }
-            let Some((mut t, mut u)) = index.find(n + 1).map_err(|e| e.to_string())? else {
+            let Some((t, u)) = index.find(n + 1).map_err(|e| e.to_string())? else {
                 return need(format!("frame_no {} is outside the log's window", n + 1));
             };
             let at_n = if n + 1 == u.first_frame_no { u.prev_checksum } else { t.frame_header(&u, n).map_err(|e| e.to_string())?.checksum };
@@ -433,30 +448,16 @@ fn answer(
             }
             let flags = if u.gen_start && n + 1 == u.first_frame_no { wire::FLAG_GENERATION_START } else { 0 };
             let mut fb = FramesBuilder::new(db_id, u.generation, flags, last.last_frame_no, u.page_size);
-            let mut from = n + 1;
-            loop {
-                let mut full = false;
-                t.read_frames(&u, from, u.commit.last_frame_no, |fh, page| {
-                    if fb.full() {
-                        full = true;
-                        return Ok(false);
-                    }
-                    fb.push(fh, page);
-                    Ok(true)
-                })
-                .map_err(|e| e.to_string())?;
-                if full {
-                    break;
+            // Frames from n + 1 on, across the units that follow, up to the end
+            // of what is committed or the next generation.
+            t.frames_in_range(u.frame_offset(n + 1), last.offset, u.page_size, |fh, page| {
+                if fb.full() {
+                    return Ok(false);
                 }
-                // Continue with the next unit of the same generation, if it fits.
-                match t.next_unit().map_err(|e| e.to_string())? {
-                    Some(next) if !next.gen_start && next.generation == u.generation && !fb.full() => {
-                        from = next.first_frame_no;
-                        u = next;
-                    }
-                    _ => break,
-                }
-            }
+                fb.push(fh, page);
+                Ok(true)
+            })
+            .map_err(|e| e.to_string())?;
             Ok(fb.finish())
         }
         Body::ReqSnapshot => {
