@@ -93,7 +93,7 @@ pub struct WalAppender<S: ShmLocks> {
 }
 
 /// Bytes of frames buffered before a write to the WAL file.
-const FLUSH_AT: usize = 1 << 20;
+const FLUSH_AT: usize = 256 << 10;
 
 impl<S: ShmLocks> WalAppender<S> {
     pub fn new(shm: S, wal: File, page_size: u32) -> Self {

@@ -58,7 +58,6 @@ impl Unit {
     }
 }
 
-#[derive(Clone)]
 pub struct LogTail {
     /// Shared, so that a reader positioned elsewhere costs no system call.
     file: std::sync::Arc<File>,
@@ -73,6 +72,13 @@ pub struct LogTail {
 
 fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("replication log is damaged at byte {off}: {}", what.into()))
+}
+
+impl Clone for LogTail {
+    /// Another reader of the same file, without the read-ahead bytes.
+    fn clone(&self) -> LogTail {
+        LogTail { file: self.file.clone(), db_id: self.db_id, seed: self.seed, pos: self.pos, window: Vec::new(), window_at: 0 }
+    }
 }
 
 impl LogTail {

@@ -732,6 +732,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                         return Err("the primary sent no frames to finish a transaction".into());
                     }
                     match self.apply_frames(&h, page_size, &frames) {
+                        // Caught up with what the primary had: the live stream
+                        // (queued meanwhile) carries on from here.
+                        Outcome::Applied if self.pending.is_none() && self.pos.is_some_and(|p| p.frame_no >= primary_last) => {
+                            self.state("streaming");
+                            self.shared.status().last_error = None;
+                            return Ok(());
+                        }
                         Outcome::Applied => {}
                         Outcome::Gap => return Err("catch-up reply does not continue the replica's position".into()),
                         Outcome::Rejected(why) => {

@@ -96,7 +96,7 @@ impl PrimarySockets {
         let _ = publish.set_opt::<SendTimeout>(Some(Duration::ZERO));
         // Queued messages per replica: enough to ride out a scheduling hiccup,
         // few enough that memory stays bounded (messages are at most ~1 MiB).
-        let _ = publish.set_opt::<SendBufferSize>(32);
+        let _ = publish.set_opt::<SendBufferSize>(8);
         remove_stale_ipc(&ep.url);
         publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
         let catchup = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
@@ -130,7 +130,7 @@ impl ReplicaSockets {
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
         subscribe.set_opt::<RecvMaxSize>(crate::wire::MAX_MESSAGE).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
         // At most this many ~1 MiB messages wait in the replica's queue.
-        let _ = subscribe.set_opt::<RecvBufferSize>(16);
+        let _ = subscribe.set_opt::<RecvBufferSize>(4);
         let _ = subscribe.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = subscribe.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
         subscribe.dial_async(&ep.url).map_err(|e| nng_err("cannot dial", &ep.url, e))?;
