@@ -5,7 +5,7 @@ EXT      := target/release/libwalcast.so
 PYTHON   := /usr/bin/python3
 CARGO    ?= cargo
 
-.PHONY: all build deps test-deps demo test test-unit test-integration test-big test-crash-long clean
+.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long bench clean
 
 all: build
 
@@ -40,6 +40,16 @@ test-big: test-deps build
 # of one of two concurrent writers).
 test-crash-long: test-deps build
 	WALCAST_CRASH_ITERATIONS=200 $(PYTHON) -m pytest -q tests/test_crash.py
+
+# The benchmark harness at full scale (BENCH_SCALE=full; about 20 minutes on 2
+# cores): writes BENCHMARKS.md and BENCHMARKS-lag.png at the repository root.
+# scripts/bench.py --help lists its options; BENCH_SCALE=smoke runs tiny sizes.
+bench: bench-deps build
+	$(PYTHON) scripts/bench.py --scale $(or $(BENCH_SCALE),full) --out BENCHMARKS.md
+
+# What the benchmarks need on top of deps: matplotlib for the lag plot.
+bench-deps: deps
+	bash scripts/install-bench-deps.sh
 
 clean:
 	$(CARGO) clean
