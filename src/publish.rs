@@ -29,6 +29,8 @@ const COALESCE: Duration = Duration::from_micros(200);
 const POLL: Duration = Duration::from_millis(10);
 /// One index entry per this many log bytes (plus one per generation).
 const INDEX_STRIDE: u64 = 256 << 10;
+/// Log bytes indexed per step.
+const INDEX_STEP: u64 = 64 << 20;
 const MAX_SNAPSHOTS: usize = 4;
 const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
 
@@ -313,11 +315,19 @@ impl Index {
         Ok(Index { tail: LogTail::open(path, true)?, entries: Vec::new(), gen_start: None, last_entry_offset: 0, recent: Mutex::new(None) })
     }
 
-    fn refresh(&mut self) -> io::Result<()> {
+    /// Indexes units appended since the last call, reading at most about
+    /// `budget` bytes of log; true once it has reached the end. A primary that
+    /// restarts with a long log indexes it in steps, between requests and while
+    /// idle, so that the server keeps answering meanwhile.
+    fn refresh(&mut self, budget: u64) -> io::Result<bool> {
         self.tail.forget_window();
+        let start = self.tail.pos.offset;
         loop {
+            if self.tail.pos.offset - start >= budget {
+                return Ok(false);
+            }
             let before = self.tail.pos;
-            let Some(u) = self.tail.next_unit()? else { return Ok(()) };
+            let Some(u) = self.tail.next_unit()? else { return Ok(true) };
             // `before` may sit on WAL event records: position the entry at them
             // (next_unit skips them again).
             if u.gen_start {
@@ -332,6 +342,10 @@ impl Index {
 
     fn last(&self) -> Pos {
         self.tail.pos
+    }
+
+    fn log_len(&self) -> u64 {
+        self.tail.file().metadata().map(|m| m.len()).unwrap_or(0)
     }
 
     /// A reader positioned just before the unit that holds `frame_no`, and that unit.
@@ -387,18 +401,39 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
     };
     let mut snapshots: VecDeque<Snapshot> = VecDeque::new();
     let mut next_snapshot_id = crate::log::now_ms();
+    let mut indexed = false;
     while !stop.load(Ordering::Acquire) {
         let msg = match sock.recv() {
             Ok(m) => m,
-            Err(nng::Error::TimedOut) => continue,
+            Err(nng::Error::TimedOut) => {
+                if !indexed {
+                    indexed = index.refresh(INDEX_STEP).unwrap_or(false);
+                }
+                continue;
+            }
             Err(nng::Error::Closed) => return,
             Err(_) => continue,
         };
         stats.catchup_requests.fetch_add(1, Ordering::Relaxed);
         snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
-        let reply = match index.refresh() {
+        // Index what is new, within a time budget for a long unindexed log.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let refreshed = loop {
+            match index.refresh(INDEX_STEP) {
+                Ok(true) => break Ok(true),
+                Ok(false) if Instant::now() < deadline => {}
+                other => break other,
+            }
+        };
+        indexed = matches!(refreshed, Ok(true));
+        let reply = match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
-            Ok(()) => match answer(&index, &msg, &mut snapshots, &mut next_snapshot_id, stats) {
+            Ok(false) => wire::error(
+                index.tail.db_id,
+                0,
+                &format!("the primary is still indexing its log (at byte {} of {}); try again", index.last().offset, index.log_len()),
+            ),
+            Ok(true) => match answer(&index, &msg, &mut snapshots, &mut next_snapshot_id, stats) {
                 Ok(r) => r,
                 Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
             },
