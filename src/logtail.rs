@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
@@ -62,7 +61,6 @@ pub struct LogTail {
     /// Shared, so that a reader positioned elsewhere costs no system call.
     file: std::sync::Arc<File>,
     pub db_id: [u8; 16],
-    pub seed: u64,
     pub pos: Pos,
     /// Bytes read ahead for `next_unit`, from `window_at`: one read serves the
     /// record headers of many small units.
@@ -77,7 +75,7 @@ fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
 impl Clone for LogTail {
     /// Another reader of the same file, without the read-ahead bytes.
     fn clone(&self) -> LogTail {
-        LogTail { file: self.file.clone(), db_id: self.db_id, seed: self.seed, pos: self.pos, window: Vec::new(), window_at: 0 }
+        LogTail { file: self.file.clone(), db_id: self.db_id, pos: self.pos, window: Vec::new(), window_at: 0 }
     }
 }
 
@@ -95,7 +93,7 @@ impl LogTail {
             last_checksum: st.last_checksum,
             db_pages: st.db_pages,
         };
-        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, seed: lf.id.seed, pos, window: Vec::new(), window_at: 0 })
+        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, pos, window: Vec::new(), window_at: 0 })
     }
 
     pub fn file(&self) -> &File {
@@ -104,16 +102,7 @@ impl LogTail {
 
     /// Reads up to `buf.len()` bytes at `off`; returns how many the file had.
     fn read_some(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        let mut n = 0;
-        while n < buf.len() {
-            match self.file.read_at(&mut buf[n..], off + n as u64) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(n)
+        log::read_full_at(&self.file, buf, off)
     }
 
     /// Forgets bytes read ahead: the log's end may have been rewritten (a

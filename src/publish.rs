@@ -43,7 +43,6 @@ pub struct PublishStats {
     pub listening: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub snapshots_served: AtomicU64,
-    pub catchup_requests: AtomicU64,
 }
 
 pub struct Publisher {
@@ -414,7 +413,6 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
             Err(nng::Error::Closed) => return,
             Err(_) => continue,
         };
-        stats.catchup_requests.fetch_add(1, Ordering::Relaxed);
         snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
         // Index what is new, within a time budget for a long unindexed log.
         let deadline = Instant::now() + Duration::from_millis(200);

@@ -173,15 +173,7 @@ impl WalFile {
             let start = if off < at { end.saturating_sub(READ_AHEAD).min(off) } else { off };
             let want = if off < at { end - start } else { self.read_end.get().min(off + READ_AHEAD).max(end) - start };
             w.resize(want as usize, 0);
-            let mut n = 0;
-            while n < w.len() {
-                match self.file.read_at(&mut w[n..], start + n as u64) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let n = crate::log::read_full_at(&self.file, &mut w, start)?;
             w.truncate(n);
             self.window_at.set(start);
             if start + (n as u64) < end {

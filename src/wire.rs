@@ -196,21 +196,6 @@ impl FramesBuilder {
         self.b.bytes(&h.encode()).bytes(page);
         self.count += 1;
     }
-    pub fn count(&self) -> u32 {
-        self.count
-    }
-    pub fn page_size(&self) -> u32 {
-        self.page_size
-    }
-    /// How many more frames fit under `CHUNK_BYTES`.
-    pub fn room(&self) -> u64 {
-        let each = FRAME_HEADER_LEN + self.page_size as usize;
-        (CHUNK_BYTES / each).saturating_sub(self.count as usize) as u64
-    }
-    /// The primary's last frame_no, known only once the message is full.
-    pub fn set_primary_last(&mut self, v: u64) {
-        self.b.buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&v.to_le_bytes());
-    }
     /// True when one more page would take the message past `CHUNK_BYTES`.
     pub fn full(&self) -> bool {
         self.count > 0 && (self.count as usize + 1) * (FRAME_HEADER_LEN + self.page_size as usize) > CHUNK_BYTES
