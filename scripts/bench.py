@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import queue
 import shutil
 import signal
 import sqlite3
@@ -98,59 +97,26 @@ _procs = []
 STDERR_LINES = {}  # distinct stderr lines of every process -> (count, first process)
 
 
-class Proc:
-    """A child process that prints `ready ...` and then answers one line per line."""
+class Proc(wc.LineProcess):
+    """A worker or node process (wc.LineProcess) with JSON commands, the start and
+    ready times, CPU and memory readings, and its stderr collected for the report."""
+
+    failure = RuntimeError
 
     def __init__(self, argv, name, logdir, json_cmds=True, ready_timeout=120):
-        self.name = name
         self.json_cmds = json_cmds
-        self.stderr_path = os.path.join(logdir, f"{name}-{now()}.stderr")
-        self._err = open(self.stderr_path, "w")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = wc.HERE
-        env.pop("WALCAST_TEST_FAULTS", None)
         self.t_start = now()
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
-                                  env=env, bufsize=1)
-        _procs.append(self)
-        self._q = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        line = self.line(ready_timeout)
+        super().__init__(argv, name, logdir, ready_timeout=ready_timeout)
         self.t_ready = now()
-        if not line.startswith("ready"):
-            self.kill()
-            raise RuntimeError(f"{name} did not start: {line}\n{self.stderr_tail()}")
-        rest = line[len("ready"):].strip()
-        self.ready = json.loads(rest) if rest else None
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def _read(self):
-        for line in self.p.stdout:
-            self._q.put(line.rstrip("\n"))
-        self._q.put(None)
-
-    def line(self, timeout):
-        try:
-            line = self._q.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"{self.name}: no answer within {timeout} s\n{self.stderr_tail()}")
-        if line is None:
-            raise RuntimeError(f"{self.name} exited with {self.p.wait()}\n{self.stderr_tail()}")
-        return line
+        _procs.append(self)
 
     def send(self, cmd):
-        s = json.dumps(cmd) if self.json_cmds else cmd
-        assert "\n" not in s
-        self.p.stdin.write(s + "\n")
-        self.p.stdin.flush()
+        self.send_line(json.dumps(cmd) if self.json_cmds else cmd)
 
     def recv(self, timeout=600):
         r = json.loads(self.line(timeout))
         if isinstance(r, dict) and "error" in r:
-            raise RuntimeError(f"{self.name}: {r}\n{self.stderr_tail()}")
+            raise RuntimeError(f"{self.name}: {r}\n{self.stderr()}")
         return r
 
     def call(self, cmd, timeout=600):
@@ -173,26 +139,15 @@ class Proc:
                     return int(line.split()[1])
         return None
 
-    def alive(self):
-        return self.p.poll() is None
-
     def wait_exit(self, timeout=600):
         self.p.wait(timeout=timeout)
 
     def kill(self):
-        if self.alive():
-            self.p.send_signal(signal.SIGKILL)
-        self.p.wait()
+        super().kill()
         self._collect()
 
     def close(self, timeout=120):
-        if self.alive():
-            try:
-                self.p.stdin.close()
-                self.p.wait(timeout=timeout)
-            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
-                self.kill()
-        self.p.wait()
+        super().close(timeout, strict=False)
         self._collect()
 
     def _collect(self):
@@ -209,14 +164,6 @@ class Proc:
                         STDERR_LINES[line] = (c + 1, who)
         except OSError:
             pass
-
-    def stderr_tail(self, n=2000):
-        try:
-            self._err.flush()
-            with open(self.stderr_path, errors="replace") as f:
-                return f"--- {self.name} (pid {self.pid}) stderr ---\n" + f.read()[-n:]
-        except (OSError, ValueError):
-            return ""
 
 
 _WORKDIR = [None]
@@ -293,7 +240,7 @@ class Bench:
             if r != [[1]]:
                 st = node.sql("PRAGMA walcast_status")
                 raise RuntimeError(f"{node.name} did not reach frame_no {n} within {timeout} s: {st}\n"
-                                   f"{node.stderr_tail()}\n{w.stderr_tail()}")
+                                   f"{node.stderr()}\n{w.stderr()}")
         return n
 
     def cluster(self, kind, sync="NORMAL", replicas=1, prepare=None):

@@ -19,7 +19,6 @@ Environment:
 import glob
 import json
 import os
-import queue
 import random
 import shutil
 import signal
@@ -47,55 +46,18 @@ def tcp(port):
 
 # --- processes ---------------------------------------------------------------
 
-class Node:
+class Node(wc.LineProcess):
     """One replica_node.py process: keeps a database open, answers SQL on stdin."""
 
     def __init__(self, db, *args, name="node", env=None, logdir=None):
-        self.db, self.name = db, name
-        e = dict(os.environ)
-        e["PYTHONPATH"] = wc.HERE
-        e.pop("WALCAST_TEST_FAULTS", None)
-        e.update(env or {})
+        self.db = db
         logdir = logdir or os.path.dirname(os.path.abspath(db))
-        self.stderr_path = os.path.join(logdir, f"{name}-{time.monotonic_ns()}.stderr")
-        self._err = open(self.stderr_path, "w")
-        self.p = subprocess.Popen([wc.PYTHON, NODE, db, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=self._err, text=True, env=e, bufsize=1)
-        self._q = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        line = self._line(60)
-        if not line.startswith("ready "):
-            self.kill()
-            raise AssertionError(f"{name} ({' '.join(args)}) did not start: {line}\n{self.stderr()}")
-        self.ready = json.loads(line[len("ready "):])
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def _read(self):
-        for line in self.p.stdout:
-            self._q.put(line.rstrip("\n"))
-        self._q.put(None)
-
-    def _line(self, timeout):
-        try:
-            line = self._q.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"{self.name}: no answer within {timeout} s\n{self.stderr()}")
-        if line is None:
-            raise AssertionError(f"{self.name} exited with {self.p.wait()}\n{self.stderr()}")
-        return line
+        super().__init__([wc.PYTHON, NODE, db, *args], name, logdir, env=env)
 
     def sql(self, stmt, timeout=60):
         """Runs one statement in the node; {"rows": [...]} or {"error": ...}."""
-        assert "\n" not in stmt
-        self.p.stdin.write(stmt + "\n")
-        self.p.stdin.flush()
-        return json.loads(self._line(timeout))
+        self.send_line(stmt)
+        return json.loads(self.line(timeout))
 
     def rows(self, stmt, timeout=60):
         r = self.sql(stmt, timeout)
@@ -104,32 +66,6 @@ class Node:
 
     def status(self):
         return json.loads(self.rows("PRAGMA walcast_status")[0][0])
-
-    def kill(self):
-        """kill -9."""
-        if self.alive():
-            self.p.send_signal(signal.SIGKILL)
-        self.p.wait()
-
-    def close(self, timeout=30):
-        """Closes stdin: the node closes its connection and exits."""
-        if self.alive():
-            try:
-                self.p.stdin.close()
-                self.p.wait(timeout=timeout)
-            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
-                self.kill()
-                raise AssertionError(f"{self.name} did not exit after stdin closed\n{self.stderr()}")
-        self.p.wait()
-
-    def stderr(self, n=3000):
-        self._err.flush()
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                s = f.read()
-        except OSError:
-            return ""
-        return f"--- {self.name} (pid {self.pid}) stderr ---\n" + s[-n:]
 
 
 class Cluster:

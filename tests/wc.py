@@ -5,9 +5,12 @@ module can load extensions) and the stock sqlite3 shell.
 """
 import json
 import os
+import queue
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,3 +169,83 @@ def walcast_wait(db, frame_no, timeout_ms):
                 timeout=timeout_ms / 1000 + 60).stdout.strip()
     assert out in ("0", "1"), f"walcast_wait returned {out!r}"
     return out == "1"
+
+
+class LineProcess:
+    """A child process that prints `ready [JSON]`, then answers each line it reads
+    on stdin with one line, until stdin closes: the tests' replica nodes and the
+    benchmark's workers. Its stderr goes to a file in `logdir`."""
+
+    failure = AssertionError
+
+    def __init__(self, argv, name, logdir, env=None, ready_timeout=60):
+        self.name = name
+        e = dict(os.environ)
+        e["PYTHONPATH"] = HERE
+        e.pop("WALCAST_TEST_FAULTS", None)
+        e.update(env or {})
+        self.stderr_path = os.path.join(logdir, f"{name}-{time.monotonic_ns()}.stderr")
+        self._err = open(self.stderr_path, "w")
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                  env=e, bufsize=1)
+        self._q = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.line(ready_timeout)
+        if not line.startswith("ready"):
+            self.kill()
+            raise self.failure(f"{name} ({' '.join(argv[2:])}) did not start: {line}\n{self.stderr()}")
+        rest = line[len("ready"):].strip()
+        self.ready = json.loads(rest) if rest else None
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def _read(self):
+        for line in self.p.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def line(self, timeout):
+        try:
+            line = self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise self.failure(f"{self.name}: no answer within {timeout} s\n{self.stderr()}")
+        if line is None:
+            raise self.failure(f"{self.name} exited with {self.p.wait()}\n{self.stderr()}")
+        return line
+
+    def send_line(self, s):
+        assert "\n" not in s
+        self.p.stdin.write(s + "\n")
+        self.p.stdin.flush()
+
+    def kill(self):
+        """kill -9."""
+        if self.alive():
+            self.p.send_signal(signal.SIGKILL)
+        self.p.wait()
+
+    def close(self, timeout=30, strict=True):
+        """Closes stdin: the process exits. One that does not is killed, and with
+        `strict` that is a failure."""
+        if self.alive():
+            try:
+                self.p.stdin.close()
+                self.p.wait(timeout=timeout)
+            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+                self.kill()
+                if strict:
+                    raise self.failure(f"{self.name} did not exit after stdin closed\n{self.stderr()}")
+        self.p.wait()
+
+    def stderr(self, n=3000):
+        try:
+            self._err.flush()
+            with open(self.stderr_path, errors="replace") as f:
+                return f"--- {self.name} (pid {self.pid}) stderr ---\n" + f.read()[-n:]
+        except (OSError, ValueError):
+            return ""
