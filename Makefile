@@ -48,8 +48,8 @@ bench: bench-deps build
 	$(PYTHON) scripts/bench.py --scale $(or $(BENCH_SCALE),full) --out BENCHMARKS.md
 
 # What the benchmarks need on top of deps: matplotlib for the lag plot.
-bench-deps: deps
-	bash scripts/install-bench-deps.sh
+bench-deps:
+	WALCAST_NEED_BENCH=1 bash scripts/install-deps.sh
 
 clean:
 	$(CARGO) clean
