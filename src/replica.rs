@@ -68,7 +68,7 @@ pub struct Shared {
     pub db_path: String,
     pub endpoint: Mutex<Option<String>>,
     pub status: Mutex<Status>,
-    applied: Mutex<u64>,
+    /// Signalled, with `status` locked, when the applied position moves.
     applied_cv: Condvar,
     /// Bumped when the endpoint changes: the session restarts.
     config_seq: AtomicU64,
@@ -82,7 +82,6 @@ impl Shared {
             db_path: db_path.into(),
             endpoint: Mutex::new(endpoint),
             status: Mutex::new(Status { state: "disconnected", ..Default::default() }),
-            applied: Mutex::new(0),
             applied_cv: Condvar::new(),
             config_seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -109,11 +108,6 @@ impl Shared {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_applied(&self, frame_no: u64) {
-        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = frame_no;
-        self.applied_cv.notify_all();
-    }
-
     /// The applied frame_no, from this process's applier or from the position
     /// file another process's applier writes.
     pub fn applied_frame_no(&self) -> u64 {
@@ -137,10 +131,12 @@ impl Shared {
                 return false;
             }
             let left = deadline - now;
-            if self.status().applier {
-                let g = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = self.applied_cv.wait_timeout_while(g, left.min(Duration::from_millis(50)), |a| *a < frame_no);
+            let st = self.status();
+            if st.applier {
+                let wait = left.min(Duration::from_millis(50));
+                let _ = self.applied_cv.wait_timeout_while(st, wait, |st| st.position.map_or(0, |p| p.frame_no) < frame_no);
             } else {
+                drop(st);
                 // Another process applies: its position file is the signal.
                 std::thread::sleep(left.min(Duration::from_millis(1)));
             }
@@ -455,7 +451,6 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.hold_database_open()?;
         if let Some(p) = self.pos {
             self.open_appender(p.page_size)?;
-            self.shared.set_applied(p.frame_no);
         }
         let mut st = self.shared.status();
         st.position = self.pos;
@@ -687,7 +682,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 st.primary_frame_no = p.frame_no;
             }
         }
-        self.shared.set_applied(p.frame_no);
+        self.shared.applied_cv.notify_all();
     }
 
     fn call(&self, socks: &ReplicaSockets, req: &[u8]) -> Result<Vec<u8>, String> {
