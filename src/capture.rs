@@ -162,7 +162,13 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
     log.state.cursor = cursor;
     let mut problem = match (cursor, &wal) {
         (WalCursor::Switching { .. } | WalCursor::Ending { .. } | WalCursor::Starting { .. }, _) => unreachable!("resolved above"),
-        (WalCursor::Unknown, _) => Some(if log.state.generation == 0 {
+        (WalCursor::Unknown, _) => Some(if log.state.generation == log.id.base_generation && log.id.base_generation != 0 {
+            format!(
+                "promoted from a replica that had applied up to frame_no {}: term {} starts with a base image",
+                log.id.first_frame_no - 1,
+                crate::log::term_of(log.id.base_generation)
+            )
+        } else if log.state.generation == 0 {
             "replication started: base image of the database".to_string()
         } else {
             "the log records no WAL position to continue from".to_string()

@@ -9,6 +9,11 @@
 //! db_id=4f0c...  (32 hex digits)
 //! endpoint=tcp://0.0.0.0:7070
 //! ```
+//!
+//! A replica records there the db_id of the database it follows (from its first
+//! bootstrap on), and two one-shot requests: `rebootstrap=1` (replace the
+//! replica's content with the primary's, whatever database and generation it
+//! serves) and `promoting=1` (appliers stop: a promotion is under way).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -47,11 +52,15 @@ pub struct Conf {
     pub db_id: Option<[u8; 16]>,
     /// Where a primary listens, or the primary a replica follows.
     pub endpoint: Option<String>,
+    /// A replica: the next catch-up takes a snapshot of whatever the primary serves.
+    pub rebootstrap: bool,
+    /// A replica being promoted: no process may apply.
+    pub promoting: bool,
 }
 
 impl Default for Conf {
     fn default() -> Self {
-        Conf { role: Role::Off, db_id: None, endpoint: None }
+        Conf { role: Role::Off, db_id: None, endpoint: None, rebootstrap: false, promoting: false }
     }
 }
 
@@ -87,6 +96,8 @@ impl Conf {
                     conf.db_id = Some(parse_hex16(v.trim()).ok_or_else(|| format!("{}: malformed db_id '{}'", path.display(), v.trim()))?)
                 }
                 "endpoint" => conf.endpoint = Some(v.trim().to_string()).filter(|e| !e.is_empty()),
+                "rebootstrap" => conf.rebootstrap = v.trim() == "1",
+                "promoting" => conf.promoting = v.trim() == "1",
                 _ => {} // keys of later versions
             }
         }
@@ -101,6 +112,12 @@ impl Conf {
         }
         if let Some(e) = &self.endpoint {
             text.push_str(&format!("endpoint={e}\n"));
+        }
+        if self.rebootstrap {
+            text.push_str("rebootstrap=1\n");
+        }
+        if self.promoting {
+            text.push_str("promoting=1\n");
         }
         let tmp = path.with_extension("walcast-conf-tmp");
         {
@@ -136,9 +153,12 @@ mod tests {
         let d = std::env::temp_dir().join(format!("walcast-conf-{}", std::process::id()));
         fs::create_dir_all(&d).unwrap();
         let p = d.join("a.db-walcast-conf");
-        let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]), endpoint: Some("tcp://h:1".into()) };
+        let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]), endpoint: Some("tcp://h:1".into()), ..Default::default() };
         c.save(&p).unwrap();
         assert_eq!(Conf::load(&p).unwrap(), c);
+        let r = Conf { role: Role::Replica, rebootstrap: true, promoting: true, ..Default::default() };
+        r.save(&p).unwrap();
+        assert_eq!(Conf::load(&p).unwrap(), r);
         assert_eq!(Conf::load(&d.join("missing")).unwrap(), Conf::default());
         assert!(parse_role("bogus").unwrap_err().contains("unknown walcast_role 'bogus'"));
         assert_eq!(parse_role(" PRIMARY ").unwrap(), Role::Primary);

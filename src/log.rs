@@ -105,16 +105,45 @@ pub struct LogState {
     pub batches: u64,
 }
 
+/// What a log continues from. A new database's log starts at frame_no 1 from
+/// its db_id's chain seed, in generation 0; the log of a promoted replica
+/// continues the history it had applied: its last frame_no, that frame's
+/// checksum, and a generation of the next term (see `next_term_generation`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogIdentity {
     pub db_id: [u8; 16],
     pub first_frame_no: u64,
     pub seed: u64,
+    /// The generation before the log's first generation record.
+    pub base_generation: u64,
+}
+
+/// Generations are numbered `term << 32 | n`: a primary starts generations
+/// n = 1, 2, ... within its term, and a promotion starts the next term. So
+/// every generation of a promoted primary is newer than any generation the old
+/// primary can still start after the failover, and replicas that followed the
+/// new primary refuse the old one's.
+pub const TERM_SHIFT: u32 = 32;
+
+pub fn term_of(generation: u64) -> u64 {
+    generation >> TERM_SHIFT
+}
+
+/// The base generation of a log that a promotion starts after `generation`:
+/// its first generation record is then term + 1, n = 1.
+pub fn next_term_base(generation: u64) -> u64 {
+    (term_of(generation) + 1) << TERM_SHIFT
 }
 
 impl LogIdentity {
     pub fn new(db_id: [u8; 16]) -> LogIdentity {
-        LogIdentity { db_id, first_frame_no: 1, seed: chain_seed(&db_id) }
+        LogIdentity { db_id, first_frame_no: 1, seed: chain_seed(&db_id), base_generation: 0 }
+    }
+
+    /// The identity of a log that continues a history applied up to
+    /// (`frame_no`, `checksum`) in `generation`, in the next term.
+    pub fn continuing(db_id: [u8; 16], generation: u64, frame_no: u64, checksum: u64) -> LogIdentity {
+        LogIdentity { db_id, first_frame_no: frame_no + 1, seed: checksum, base_generation: next_term_base(generation) }
     }
 
     pub fn initial_state(&self) -> LogState {
@@ -122,7 +151,7 @@ impl LogIdentity {
             end_offset: RECORDS_START,
             last_frame_no: self.first_frame_no - 1,
             last_checksum: self.seed,
-            generation: 0,
+            generation: self.base_generation,
             gen_offset: 0,
             page_size: 0,
             db_pages: 0,
@@ -205,6 +234,7 @@ fn encode_slot(id: &LogIdentity, seq: u64, s: &LogState, tail: &LogState) -> [u8
     b[196..200].copy_from_slice(&to.salt2.to_le_bytes());
     b[200..204].copy_from_slice(&to.cksum.0.to_le_bytes());
     b[204..208].copy_from_slice(&to.cksum.1.to_le_bytes());
+    b[208..216].copy_from_slice(&id.base_generation.to_le_bytes());
     b[104..108].copy_from_slice(&kind.to_le_bytes());
     b[108..112].copy_from_slice(&pos.salt1.to_le_bytes());
     b[112..116].copy_from_slice(&pos.salt2.to_le_bytes());
@@ -255,7 +285,7 @@ fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState, LogState), SlotP
     }
     let mut db_id = [0u8; 16];
     db_id.copy_from_slice(&b[16..32]);
-    let id = LogIdentity { db_id, first_frame_no: u64_at(b, 32), seed: u64_at(b, 40) };
+    let id = LogIdentity { db_id, first_frame_no: u64_at(b, 32), seed: u64_at(b, 40), base_generation: u64_at(b, 208) };
     let pos = WalPos { salt1: u32_at(b, 108), salt2: u32_at(b, 112), frame: u32_at(b, 116), cksum: (u32_at(b, 120), u32_at(b, 124)) };
     let stat = DbStat { size: u64_at(b, 128), mtime_ns: u64_at(b, 136) as i64, ino: u64_at(b, 144) };
     let to = WalPos { salt1: u32_at(b, 192), salt2: u32_at(b, 196), frame: 0, cksum: (u32_at(b, 200), u32_at(b, 204)) };
@@ -828,8 +858,13 @@ const FLUSH_AT: usize = 1 << 20;
 impl LogWriter {
     /// Creates a new log; fails if the file exists.
     pub fn create(path: &Path, db_id: [u8; 16]) -> LogResult<LogWriter> {
+        Self::create_with(path, LogIdentity::new(db_id))
+    }
+
+    /// Creates a new log that continues from `id` (a promotion); fails if the
+    /// file exists.
+    pub fn create_with(path: &Path, id: LogIdentity) -> LogResult<LogWriter> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
-        let id = LogIdentity::new(db_id);
         let state = id.initial_state();
         let lock_file = std::sync::Arc::new(file.try_clone()?);
         let mut w = LogWriter {
@@ -1127,6 +1162,26 @@ mod tests {
         let p = dir.join(name);
         let _ = std::fs::remove_file(&p);
         p
+    }
+
+    #[test]
+    fn a_promoted_log_continues_the_frame_numbering_and_chain_in_the_next_term() {
+        let p = tmp("promoted");
+        let id = LogIdentity::continuing([7u8; 16], (2 << 32) | 5, 41, 0xfeed);
+        let mut w = LogWriter::create_with(&p, id).unwrap();
+        w.begin_generation(512, "promoted").unwrap();
+        let f = w.add_frame(1, 1, &[1u8; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        w.sync().unwrap();
+        assert_eq!(f.frame_no, 42);
+        assert!(f.chains_from(0xfeed, &[1u8; 512]), "the first frame chains from the last applied checksum");
+        let (r, _) = LogWriter::open(&p, false).unwrap();
+        assert_eq!(r.id, id, "the identity, base generation included, survives the header");
+        assert_eq!(r.state.generation, (3 << 32) | 1);
+        assert_eq!(term_of(r.state.generation), 3);
+        let (st, end) = LogFile::open(&p).unwrap().scan_all(|_, _, _| Ok(())).unwrap();
+        assert_eq!((st.last_frame_no, st.generation), (42, (3 << 32) | 1));
+        assert!(matches!(end, ScanEnd::Clean));
     }
 
     fn sample(path: &Path) -> LogWriter {

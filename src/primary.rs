@@ -17,6 +17,7 @@ use crate::vfs::{Connection, PrivateDb};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use libsqlite3_sys as ffi;
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 /// How long a synchronous catch-up (SQL functions, setting the role) waits for
 /// writers to let a base image be taken.
 const IMAGE_WAIT: Duration = Duration::from_secs(10);
+/// How long a promotion waits for the process that applies to the replica to stop.
+const PROMOTE_WAIT: Duration = Duration::from_secs(10);
 /// The least time between two capture passes while commits stream in.
 const CAPTURE_COALESCE: Duration = Duration::from_micros(100);
 
@@ -261,6 +264,11 @@ impl DbState {
         if !self.replica_role.load(Ordering::Acquire) {
             return None;
         }
+        // Promoted by another process since?
+        self.follow_role_of_other_processes();
+        if !self.replica_role.load(Ordering::Acquire) {
+            return None;
+        }
         let ep = Conf::load(&self.conf_path).ok().and_then(|c| c.endpoint).unwrap_or_else(|| "(no endpoint set)".into());
         Some(format!("{} is a read-only walcast replica of the primary at {ep}: write there", self.db_path))
     }
@@ -364,10 +372,7 @@ impl DbState {
                     return Ok(Role::Replica);
                 }
                 if c.role == Role::Primary || g.role == Role::Primary {
-                    return Err(format!(
-                        "{} is a walcast primary; a primary cannot become a replica (set walcast_role='off' first, and point the replica at a new, empty database)",
-                        self.db_path
-                    ));
+                    return self.demote(&mut g, c);
                 }
                 if c.role != Role::Replica {
                     // Only a new, empty database or an existing replica may
@@ -395,10 +400,14 @@ impl DbState {
                 }
                 let mut c = Conf::load(&self.conf_path)?;
                 if c.role == Role::Replica || g.role == Role::Replica {
-                    return Err(format!(
-                        "{} is a walcast replica; promoting a replica to primary is not available in this version",
-                        self.db_path
-                    ));
+                    self.promote(&mut g, c)?;
+                    drop(g);
+                    return self.catch_up_now().map(|_| Role::Primary).map_err(|e| {
+                        format!(
+                            "{} is promoted to primary, but the base image that starts its term is not written yet ({e}); capture retries in the background",
+                            self.db_path
+                        )
+                    });
                 }
                 let existing_log = self.check_existing_log(&c)?;
                 ensure_wal_mode(&self.db_path)?;
@@ -421,12 +430,128 @@ impl DbState {
                         g.role = before.role;
                         g.log = None;
                         // Keep the new identity: the log just created carries it.
-                        let _ = Conf { role: before.role, db_id: c.db_id, endpoint: c.endpoint.clone() }.save(&self.conf_path);
+                        let _ = Conf { role: before.role, db_id: c.db_id, endpoint: c.endpoint.clone(), ..Default::default() }
+                            .save(&self.conf_path);
                         Err(e)
                     }
                 }
             }
         }
+    }
+
+    /// Demotes a primary to a replica (`walcast_role='replica'` on a primary):
+    /// capture and publishing stop, in this process at once and in others
+    /// within a quarter second, and the log is moved aside, not deleted: it may
+    /// hold writes the new primary never saw. The replica knows no position, so
+    /// it bootstraps from the primary it is pointed at (same db_id only), which
+    /// replaces any such divergent writes rather than merging them.
+    fn demote(&self, g: &mut Inner, mut c: Conf) -> Result<Role, String> {
+        let aside = PathBuf::from(format!("{}.demoted-{}", self.log_path.display(), crate::log::now_ms()));
+        let before = c.clone();
+        c.role = Role::Replica;
+        // The endpoint was where this primary listened, not a primary to follow.
+        c.endpoint = None;
+        c.promoting = false;
+        c.rebootstrap = false;
+        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        g.log = None;
+        g.publisher = None;
+        g.fatal = None;
+        g.last_error = None;
+        self.capturing.store(false, Ordering::Release);
+        if self.log_path.exists() {
+            if let Err(e) = std::fs::rename(&self.log_path, &aside) {
+                let _ = before.save(&self.conf_path);
+                if let Err(e) = self.activate(g, None) {
+                    self.set_fatal(g, e);
+                }
+                return Err(format!("cannot move the log {} aside: {e}", self.log_path.display()));
+            }
+            report(&format!(
+                "{}: demoted to a replica; the log was moved to {} (it holds this primary's history, including any writes the new primary lacks)",
+                self.db_path,
+                aside.display()
+            ));
+        }
+        for stale in [crate::replica::position_path(&self.db_path)] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let me = lookup(&self.db_path).ok_or("database state is gone")?;
+        me.start_replica(g, None);
+        Ok(Role::Replica)
+    }
+
+    /// Promotes a replica to primary (`walcast_role='primary'` on a replica).
+    /// Appliers stop (the conf says `promoting`, and this process takes the
+    /// applier lock once they have); a log is created that continues the
+    /// applied history: the next frame_no, chained from the last applied
+    /// checksum, in a new term. Its first generation is a base image of the
+    /// replica as applied. Replicas that follow the new primary then refuse
+    /// everything the old primary sends (an older generation).
+    fn promote(&self, g: &mut Inner, mut c: Conf) -> Result<(), String> {
+        if self.log_path.exists() {
+            return Err(format!(
+                "cannot promote {}: a replication log {} already exists beside it; move it aside first",
+                self.db_path,
+                self.log_path.display()
+            ));
+        }
+        c.promoting = true;
+        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        let endpoint = c.endpoint.clone();
+        // Stop this process's applier, then wait for any other to stop.
+        g.replica = None;
+        let undo = |g: &mut Inner, c: &mut Conf, why: String| -> Result<(), String> {
+            c.promoting = false;
+            let _ = c.save(&self.conf_path);
+            if let Some(me) = lookup(&self.db_path) {
+                me.start_replica(g, endpoint.clone());
+            }
+            Err(format!("cannot promote {}: {why}; it stays a replica", self.db_path))
+        };
+        let lock_path = format!("{}-walcast-applier", self.db_path);
+        let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
+            Ok(f) => f,
+            Err(e) => return undo(g, &mut c, format!("cannot open {lock_path}: {e}")),
+        };
+        let deadline = Instant::now() + PROMOTE_WAIT;
+        while lock.try_lock().is_err() {
+            if Instant::now() >= deadline {
+                return undo(g, &mut c, format!("another process still applies to it after {} s", PROMOTE_WAIT.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Some((pos, _)) = crate::replica::load_position(&crate::replica::position_path(&self.db_path)) else {
+            return undo(g, &mut c, "it has no applied position (it never completed a bootstrap)".into());
+        };
+        let id = crate::log::LogIdentity::continuing(pos.db_id, pos.generation, pos.frame_no, pos.checksum);
+        // Created beside, then renamed: a crash leaves either no log or a whole one.
+        let tmp = PathBuf::from(format!("{}.promoting", self.log_path.display()));
+        let _ = std::fs::remove_file(&tmp);
+        if let Err(e) = LogWriter::create_with(&tmp, id)
+            .map_err(|e| e.to_string())
+            .and_then(|_| std::fs::rename(&tmp, &self.log_path).map_err(|e| e.to_string()))
+        {
+            let _ = std::fs::remove_file(&tmp);
+            return undo(g, &mut c, format!("cannot create {}: {e}", self.log_path.display()));
+        }
+        let promoted = Conf { role: Role::Primary, db_id: Some(pos.db_id), endpoint: None, rebootstrap: false, promoting: false };
+        if let Err(e) = promoted.save(&self.conf_path) {
+            let _ = std::fs::remove_file(&self.log_path);
+            return undo(g, &mut c, format!("cannot write {}: {e}", self.conf_path.display()));
+        }
+        let _ = std::fs::remove_file(crate::replica::position_path(&self.db_path));
+        self.replica_role.store(false, Ordering::Release);
+        report(&format!(
+            "{}: promoted to primary, continuing after frame_no {} in term {} (it followed {})",
+            self.db_path,
+            pos.frame_no,
+            crate::log::term_of(id.base_generation),
+            endpoint.as_deref().unwrap_or("no endpoint")
+        ));
+        let r = self.activate(g, Some(&promoted));
+        drop(lock);
+        r
     }
 
     /// Validates the log beside the database, if there is one, against the conf's
@@ -487,7 +612,7 @@ impl DbState {
                 // the new log gets a new identity (frame_no restarts at 1, and
                 // nothing may mistake it for the old history).
                 let fresh = conf::random_id().map_err(|e| format!("cannot make a database id: {e}"))?;
-                Conf { role: Role::Primary, db_id: Some(fresh), endpoint: c.endpoint.clone() }
+                Conf { role: Role::Primary, db_id: Some(fresh), endpoint: c.endpoint.clone(), ..Default::default() }
                     .save(&self.conf_path)
                     .map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
                 report(&format!("{}: the replication log is missing; starting a new log with a new db_id", self.db_path));
@@ -683,6 +808,7 @@ impl DbState {
             if v.get("endpoint").is_none_or(|e| e.is_null()) {
                 v["endpoint"] = self.endpoint().into();
             }
+            v["rebootstrap_requested"] = Conf::load(&self.conf_path).is_ok_and(|c| c.rebootstrap).into();
             return v.to_string();
         }
         // Up to date, unless a base image is waiting for writers: the status then
@@ -716,6 +842,7 @@ impl DbState {
         if let Some(log) = &g.log {
             let s = &log.state;
             v["generation"] = s.generation.into();
+            v["term"] = crate::log::term_of(s.generation).into();
             v["frame_no"] = s.last_frame_no.into();
             v["checksum"] = format!("{:016x}", s.last_checksum).into();
             v["db_pages"] = s.db_pages.into();
@@ -769,9 +896,19 @@ impl DbState {
                 Err(e) => PragmaOutcome::Fail(e),
             },
             ("walcast_status", Some(_)) => PragmaOutcome::Fail("walcast_status is read-only".into()),
-            (n, _) if n.starts_with("walcast_") => {
-                PragmaOutcome::Fail(format!("unknown pragma '{name}': walcast has walcast_role, walcast_endpoint and walcast_status"))
+            ("walcast_rebootstrap", _) if readonly => {
+                PragmaOutcome::Fail(format!("cannot use walcast_rebootstrap on a read-only connection to {}", self.db_path))
             }
+            ("walcast_rebootstrap", Some(v)) => {
+                PragmaOutcome::Fail(format!("walcast_rebootstrap takes no value (got '{v}'): run PRAGMA walcast_rebootstrap;"))
+            }
+            ("walcast_rebootstrap", None) => match self.request_rebootstrap() {
+                Ok(()) => PragmaOutcome::Done(Some("requested".into())),
+                Err(e) => PragmaOutcome::Fail(e),
+            },
+            (n, _) if n.starts_with("walcast_") => PragmaOutcome::Fail(format!(
+                "unknown pragma '{name}': walcast has walcast_role, walcast_endpoint, walcast_status and walcast_rebootstrap"
+            )),
             ("journal_mode", Some(v)) if !v.trim().eq_ignore_ascii_case("wal") && self.lock().role == Role::Primary => {
                 PragmaOutcome::Fail(format!(
                     "{} is a replication primary and must stay in WAL mode (journal_mode={v} refused); set PRAGMA walcast_role='off' first",
@@ -786,6 +923,28 @@ impl DbState {
             }
             _ => PragmaOutcome::NotOurs,
         }
+    }
+
+    /// `PRAGMA walcast_rebootstrap`: the replica's next catch-up replaces its
+    /// content with a snapshot of whatever its primary serves, even another
+    /// database or an older generation, which it otherwise refuses. Persisted,
+    /// so that whichever process applies carries it out; cleared once done.
+    fn request_rebootstrap(&self) -> Result<(), String> {
+        self.follow_role_of_other_processes();
+        let mut c = Conf::load(&self.conf_path)?;
+        if c.role != Role::Replica {
+            return Err(format!(
+                "{} is not a walcast replica (walcast_role is '{}'): only a replica can rebootstrap",
+                self.db_path,
+                c.role.as_str()
+            ));
+        }
+        c.rebootstrap = true;
+        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        if let Some(r) = self.lock().replica.as_ref() {
+            r.shared.poke();
+        }
+        Ok(())
     }
 
     // -- VFS hooks ---------------------------------------------------------
@@ -960,6 +1119,9 @@ impl DbState {
         }
         match c.role {
             Role::Primary => {
+                // A replica promoted by another process: stop applying here.
+                g.replica = None;
+                self.replica_role.store(false, Ordering::Release);
                 if let Err(e) = self.activate(&mut g, None) {
                     self.set_fatal(&mut g, e);
                 }

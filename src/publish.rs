@@ -86,6 +86,13 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
     Publisher { wake: tx, stop, stats, endpoint, thread }
 }
 
+/// Whether the database's conf still makes it a primary (an unreadable conf
+/// changes nothing).
+fn conf_says_primary(db_path: &str) -> bool {
+    let path = PathBuf::from(format!("{db_path}-walcast-conf"));
+    crate::conf::Conf::load(&path).map_or(true, |c| c.role == crate::conf::Role::Primary)
+}
+
 fn set_error(stats: &PublishStats, name: &str, e: Option<String>) {
     let mut g = stats.last_error.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(m) = &e {
@@ -117,6 +124,10 @@ fn publisher_thread(
     loop {
         if stop.load(Ordering::Acquire) {
             return;
+        }
+        if !conf_says_primary(name) {
+            let _ = rx.recv_timeout(Duration::from_millis(250));
+            continue;
         }
         match lock.try_lock() {
             Ok(()) => break,
@@ -181,8 +192,17 @@ fn publisher_thread(
     // message was lost notices; while idle, one every HEARTBEAT_EVERY.
     let mut beat_owed = false;
     let mut last_send = Instant::now() - COALESCE;
+    let mut last_conf_check = Instant::now();
     while !stop.load(Ordering::Acquire) {
         let _ = rx.recv_timeout(POLL);
+        // A demotion or a role change by another process: stop publishing (a
+        // demoted primary must not keep serving its history).
+        if last_conf_check.elapsed() >= Duration::from_millis(250) {
+            last_conf_check = Instant::now();
+            if !conf_says_primary(name) {
+                break;
+            }
+        }
         // Under a stream of commits, gather what a short window brings into one
         // message rather than send one per commit: bounded added latency, far
         // fewer messages (and applies) per second. Idle-to-busy sends at once.

@@ -183,6 +183,7 @@ fn status_value(st: &Status, endpoint: Option<String>) -> serde_json::Value {
         "last_error": st.last_error,
         "db_id": st.position.map(|p| hex(&p.db_id)),
         "generation": st.position.map(|p| p.generation),
+        "term": st.position.map(|p| crate::log::term_of(p.generation)),
         "checksum": st.position.map(|p| format!("{:016x}", p.checksum)),
         "page_size": st.position.map(|p| p.page_size),
         "bootstraps": st.bootstraps,
@@ -196,6 +197,20 @@ fn status_value(st: &Status, endpoint: Option<String>) -> serde_json::Value {
 
 pub fn position_path(db: &str) -> PathBuf {
     PathBuf::from(format!("{db}-walcast-replica"))
+}
+
+fn conf_path(db: &str) -> PathBuf {
+    PathBuf::from(format!("{db}-walcast-conf"))
+}
+
+fn load_conf(db: &str) -> Option<crate::conf::Conf> {
+    crate::conf::Conf::load(&conf_path(db)).ok()
+}
+
+/// Whether the conf lets a process apply now: the role is replica and no
+/// promotion is under way.
+fn may_apply(db: &str) -> bool {
+    load_conf(db).is_none_or(|c| c.role == crate::conf::Role::Replica && !c.promoting)
 }
 
 fn status_path(db: &str) -> PathBuf {
@@ -272,6 +287,11 @@ pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() ->
             let _ = shared.wake.1.recv_timeout(Duration::from_millis(500));
             continue;
         }
+        if !may_apply(&shared.db_path) {
+            shared.status().applier = false;
+            let _ = shared.wake.1.recv_timeout(TAKEOVER_POLL);
+            continue;
+        }
         let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
             Ok(f) => f,
             Err(e) => {
@@ -334,6 +354,21 @@ struct Session<'a, F: ReplicaFiles> {
     pending: Option<Pending>,
     pos_file: Option<File>,
     need_catchup: bool,
+    /// The database this replica follows (from its position, or the conf):
+    /// frames of another are refused unless a rebootstrap is requested.
+    identity: Option<[u8; 16]>,
+    /// The oldest generation this replica accepts: a primary behind it is stale
+    /// (an old primary after a failover).
+    fence_generation: u64,
+    /// `PRAGMA walcast_rebootstrap` asked for a snapshot of whatever the
+    /// primary serves.
+    force_bootstrap: bool,
+    /// The last catch-up was refused (another database, a stale primary): retry
+    /// slowly, the operator must act.
+    refused: bool,
+    /// The conf says this process must stop applying (promotion, role change).
+    leave: bool,
+    last_conf_check: Instant,
     last_checkpoint: Instant,
     last_status_write: Instant,
     faults: Faults,
@@ -350,6 +385,12 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             pending: None,
             pos_file: None,
             need_catchup: true,
+            identity: None,
+            fence_generation: 0,
+            force_bootstrap: false,
+            refused: false,
+            leave: false,
+            last_conf_check: Instant::now(),
             last_checkpoint: Instant::now(),
             last_status_write: Instant::now() - Duration::from_secs(1),
             faults: Faults::from_env(),
@@ -395,18 +436,23 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         }
         self.write_status();
         let mut retry_at = Instant::now();
-        while !self.shared.stop.load(Ordering::Acquire) && is_open() && self.shared.config_seq.load(Ordering::Acquire) == self.seq {
+        while !self.shared.stop.load(Ordering::Acquire)
+            && !self.leave
+            && is_open()
+            && self.shared.config_seq.load(Ordering::Acquire) == self.seq
+        {
             if self.need_catchup && Instant::now() >= retry_at {
+                self.refused = false;
                 let r = self.catch_up(&socks, &ep);
-                self.write_status();
                 match r {
                     Ok(()) => self.need_catchup = false,
                     Err(e) => {
                         let down = e.contains("no catch-up reply") || e.contains("not sent");
                         set_error(self.shared, if down { "disconnected" } else { "error" }, e);
-                        retry_at = Instant::now() + Duration::from_millis(500);
+                        retry_at = Instant::now() + if self.refused { Duration::from_secs(2) } else { Duration::from_millis(500) };
                     }
                 }
+                self.write_status();
             }
             match socks.subscribe.recv() {
                 Ok(msg) if self.faults.off() => self.on_message(msg.as_slice()),
@@ -437,7 +483,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             .open(&pp)
             .map_err(|e| format!("cannot open {}: {e}", pp.display()))?;
         self.pos_file = Some(f);
-        self.pos = match load_position(&pp) {
+        let recorded = load_position(&pp);
+        // Who the replica follows survives an untrusted position: only the
+        // WAL's unsynced end is in doubt, not whose copy it is.
+        self.identity = recorded.map(|(p, _)| p.db_id).or_else(|| load_conf(self.db()).and_then(|c| c.db_id));
+        self.fence_generation = recorded.map_or(0, |(p, _)| p.generation);
+        self.force_bootstrap = load_conf(self.db()).is_some_and(|c| c.rebootstrap);
+        self.pos = match recorded {
             Some((p, true)) => Some(p),
             Some((_, false)) => {
                 crate::primary::report(&format!(
@@ -496,7 +548,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             Body::Heartbeat { last_frame_no, last_checksum, .. } => {
                 self.note_primary(last_frame_no);
                 let Some(p) = self.pos else { return };
-                if h.db_id != p.db_id || last_frame_no != p.frame_no || self.pending.is_some() {
+                if h.db_id != p.db_id || h.generation < p.generation || last_frame_no != p.frame_no || self.pending.is_some() {
                     // Everything published before the heartbeat has arrived by
                     // now, or was lost. A primary behind the replica may have
                     // another history: the catch-up server decides.
@@ -669,6 +721,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
 
     fn applied(&mut self, p: Position) {
         self.pos = Some(p);
+        self.fence_generation = self.fence_generation.max(p.generation);
         if let Some(f) = &self.pos_file {
             if let Err(e) = save_position(f, &p, false) {
                 set_error(self.shared, "error", format!("cannot record the applied position: {e}"));
@@ -683,6 +736,40 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             }
         }
         self.shared.applied_cv.notify_all();
+    }
+
+    /// Refuses what a primary this replica must not follow sends: another
+    /// database, or a generation older than the replica's (a stale primary,
+    /// such as the old primary after a failover). A requested rebootstrap
+    /// accepts either.
+    fn check_source(&mut self, h: &Header, ep: &Endpoint) -> Result<(), String> {
+        if self.force_bootstrap {
+            return Ok(());
+        }
+        if let Some(id) = self.identity.filter(|id| *id != h.db_id) {
+            self.refused = true;
+            return Err(format!(
+                "refused the primary at {}: it serves another database (db_id {}; this replica follows {}). \
+                 Point walcast_endpoint at this database's primary, or run PRAGMA walcast_rebootstrap to replace this replica's content with that database",
+                ep.url,
+                hex(&h.db_id),
+                hex(&id)
+            ));
+        }
+        if h.generation < self.fence_generation {
+            self.refused = true;
+            return Err(format!(
+                "refused the primary at {}: it is at generation {} (term {}), older than this replica's generation {} (term {}), \
+                 so it is a stale primary (such as the old primary after a failover). Point walcast_endpoint at the current primary, \
+                 or run PRAGMA walcast_rebootstrap to follow this one",
+                ep.url,
+                h.generation,
+                crate::log::term_of(h.generation),
+                self.fence_generation,
+                crate::log::term_of(self.fence_generation)
+            ));
+        }
+        Ok(())
     }
 
     fn call(&self, socks: &ReplicaSockets, req: &[u8]) -> Result<Vec<u8>, String> {
@@ -708,6 +795,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             if self.shared.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
+            if self.force_bootstrap {
+                self.bootstrap(socks, ep, "requested by PRAGMA walcast_rebootstrap")?;
+                continue;
+            }
             let req = match (&self.pos, &self.pending) {
                 (Some(p), Some(pd)) => wire::req_frames(p.db_id, pd.generation, pd.next_frame - 1, pd.prev_checksum),
                 (Some(p), None) => wire::req_frames(p.db_id, p.generation, p.frame_no, p.checksum),
@@ -715,6 +806,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             };
             let reply = self.call(socks, &req).map_err(|e| format!("{e} (catch-up address {})", ep.catchup))?;
             let (h, body) = wire::decode(&reply).map_err(|e| format!("bad catch-up reply: {e}"))?;
+            if matches!(body, Body::Frames { .. } | Body::NeedSnapshot { .. }) {
+                self.check_source(&h, ep)?;
+            }
             match body {
                 Body::Frames { primary_last, page_size, frames } => {
                     self.note_primary(primary_last);
@@ -742,7 +836,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                         }
                     }
                 }
-                Body::NeedSnapshot { reason } => self.bootstrap(socks, &h, &reason)?,
+                Body::NeedSnapshot { reason } => self.bootstrap(socks, ep, &reason)?,
                 Body::Error { reason } => return Err(format!("the primary refused: {reason}")),
                 _ => return Err("unexpected catch-up reply".into()),
             }
@@ -751,7 +845,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
 
     /// Replaces the replica's content with a snapshot of the primary, as one
     /// transaction: readers see the old database until the last page is in.
-    fn bootstrap(&mut self, socks: &ReplicaSockets, _h: &Header, reason: &str) -> Result<(), String> {
+    fn bootstrap(&mut self, socks: &ReplicaSockets, ep: &Endpoint, reason: &str) -> Result<(), String> {
         self.abort_pending();
         self.state("bootstrapping");
         crate::primary::report(&format!("{}: bootstrapping from a snapshot: {reason}", self.db()));
@@ -764,6 +858,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 _ => "unexpected snapshot reply".into(),
             });
         };
+        self.check_source(&h, ep)?;
         // Until the snapshot is committed the file names no position: a crash
         // in between must bootstrap again, not apply frames onto a half-known state.
         if let Some(f) = &self.pos_file {
@@ -780,7 +875,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             let mut from = 1u32;
             while from <= db_pages {
                 let reply = self.call(socks, &wire::req_pages(h.db_id, h.generation, snapshot_id, from))?;
-                let (_, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
+                let (ph, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
+                if ph.db_id != h.db_id {
+                    return Err("a snapshot page reply names another database".into());
+                }
                 let (next_page, pages) = match body {
                     Body::Pages { snapshot_id: id, next_page, page_size: ps, pages }
                         if id == snapshot_id && ps == page_size && next_page > from =>
@@ -807,6 +905,22 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             return Err(e);
         }
         self.shared.status().bootstraps += 1;
+        // The snapshot's generation may be older than the fence when a
+        // rebootstrap was asked for: the operator chose this primary.
+        self.fence_generation = h.generation;
+        self.identity = Some(h.db_id);
+        self.force_bootstrap = false;
+        // Record whom the replica follows, and that the request is done, before
+        // the position says the bootstrap is complete.
+        if let Some(mut c) = load_conf(self.db()) {
+            if c.db_id != Some(h.db_id) || c.rebootstrap {
+                c.db_id = Some(h.db_id);
+                c.rebootstrap = false;
+                if let Err(e) = c.save(&conf_path(self.db())) {
+                    crate::primary::report(&format!("{}: cannot record the followed db_id: {e}", self.db()));
+                }
+            }
+        }
         self.applied(Position { db_id: h.db_id, generation: h.generation, frame_no, checksum, page_size });
         Ok(())
     }
@@ -842,6 +956,19 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     }
 
     fn housekeeping(&mut self) {
+        // Another process may have asked for a rebootstrap, promoted the
+        // replica or changed its role.
+        if self.last_conf_check.elapsed() >= Duration::from_millis(250) {
+            self.last_conf_check = Instant::now();
+            match load_conf(self.db()) {
+                Some(c) if c.role != crate::conf::Role::Replica || c.promoting => self.leave = true,
+                Some(c) if c.rebootstrap && !self.force_bootstrap => {
+                    self.force_bootstrap = true;
+                    self.need_catchup = true;
+                }
+                _ => {}
+            }
+        }
         if self.pending.is_none() && self.last_checkpoint.elapsed() > Duration::from_millis(100) {
             if let Some(app) = self.app.as_mut() {
                 if app.unbackfilled().unwrap_or(0) >= CHECKPOINT_FRAMES {
@@ -955,5 +1082,118 @@ impl Faults {
             out.push(h);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Verify before apply: what must be refused is refused before the replica's
+    //! files are touched (these files refuse every use).
+    use super::*;
+    use crate::frame::make_frame;
+    use crate::walindex::{Region, Shm};
+
+    struct NoShm;
+    impl Shm for NoShm {
+        fn region(&mut self, _: u32) -> io::Result<Region<'_>> {
+            panic!("the wal-index was touched")
+        }
+    }
+    impl ShmLocks for NoShm {
+        fn try_lock(&mut self, _: u32, _: u32, _: bool) -> io::Result<bool> {
+            panic!("the wal-index was locked")
+        }
+        fn unlock(&mut self, _: u32, _: u32, _: bool) {}
+    }
+    struct NoFiles;
+    impl ReplicaFiles for NoFiles {
+        type Shm = NoShm;
+        fn open_shm(&self) -> io::Result<NoShm> {
+            panic!("the wal-index was opened")
+        }
+        fn sql(&self, _: &str) -> Result<Option<String>, String> {
+            panic!("the database was queried")
+        }
+    }
+
+    const DB: [u8; 16] = [7; 16];
+    const PAGE: u32 = 512;
+
+    /// A replica at frame 10 of DB, generation 1<<32 | 3 (term 1).
+    fn session<'a>(shared: &'a Shared, files: &'a NoFiles) -> Session<'a, NoFiles> {
+        let mut s = Session::new(shared, files, 0);
+        let p = Position { db_id: DB, generation: (1 << 32) | 3, frame_no: 10, checksum: 0xabc, page_size: PAGE };
+        s.pos = Some(p);
+        s.identity = Some(DB);
+        s.fence_generation = p.generation;
+        s
+    }
+
+    /// A message that continues the replica's chain exactly, with a valid CRC,
+    /// from (db_id, generation).
+    fn next_frames(db_id: [u8; 16], generation: u64) -> Vec<u8> {
+        let page = vec![0x5a; PAGE as usize];
+        let f = make_frame(0xabc, 11, 2, 5, &page);
+        let mut b = wire::FramesBuilder::new(db_id, generation, 0, 11, PAGE);
+        b.push(&f, &page);
+        b.finish()
+    }
+
+    fn apply(s: &mut Session<NoFiles>, msg: &[u8]) -> Outcome {
+        let (h, body) = wire::decode(msg).expect("a valid message");
+        let Body::Frames { page_size, frames, .. } = body else { panic!("frames expected") };
+        s.apply_frames(&h, page_size, &frames)
+    }
+
+    #[test]
+    fn frames_of_another_database_with_a_valid_crc_are_refused() {
+        let (shared, files) = (Shared::new("/nonexistent/r.db", None), NoFiles);
+        let mut s = session(&shared, &files);
+        let other = [8; 16];
+        match apply(&mut s, &next_frames(other, (1 << 32) | 3)) {
+            Outcome::Rejected(why) => assert!(why.contains("another database"), "{why}"),
+            _ => panic!("frames of another database were not refused"),
+        }
+        assert_eq!(s.pos.unwrap().frame_no, 10);
+    }
+
+    #[test]
+    fn frames_of_an_older_generation_with_a_valid_crc_are_refused() {
+        let (shared, files) = (Shared::new("/nonexistent/r.db", None), NoFiles);
+        let mut s = session(&shared, &files);
+        // the old primary after a failover: term 0
+        for generation in [3u64, 7, (1 << 32) | 2] {
+            match apply(&mut s, &next_frames(DB, generation)) {
+                Outcome::Rejected(why) => assert!(why.contains("old generation"), "{why}"),
+                _ => panic!("frames of generation {generation} were not refused"),
+            }
+        }
+        assert_eq!(s.pos.unwrap().frame_no, 10);
+    }
+
+    #[test]
+    fn a_newer_generation_is_taken_only_where_it_starts() {
+        let (shared, files) = (Shared::new("/nonexistent/r.db", None), NoFiles);
+        let mut s = session(&shared, &files);
+        // No generation-start flag: not applied; catch-up must fetch the start.
+        assert!(matches!(apply(&mut s, &next_frames(DB, (2 << 32) | 1)), Outcome::Gap));
+        assert_eq!(s.pos.unwrap().frame_no, 10);
+    }
+
+    #[test]
+    fn catch_up_replies_of_a_stale_primary_or_another_database_are_refused() {
+        let (shared, files) = (Shared::new("/nonexistent/r.db", None), NoFiles);
+        let mut s = session(&shared, &files);
+        let ep = parse_endpoint("tcp://127.0.0.1:9").unwrap();
+        let header = |db_id, generation| wire::decode(&wire::need_snapshot(db_id, generation, "x")).unwrap().0;
+        let e = s.check_source(&header(DB, 5), &ep).unwrap_err();
+        assert!(e.contains("stale primary") && e.contains("term 0") && e.contains("term 1"), "{e}");
+        let e = s.check_source(&header([9; 16], (1 << 32) | 3), &ep).unwrap_err();
+        assert!(e.contains("another database") && e.contains("walcast_rebootstrap"), "{e}");
+        assert!(s.check_source(&header(DB, (1 << 32) | 3), &ep).is_ok());
+        assert!(s.check_source(&header(DB, (2 << 32) | 1), &ep).is_ok(), "a newer term is followed");
+        // Told to: anything goes.
+        s.force_bootstrap = true;
+        assert!(s.check_source(&header([9; 16], 1), &ep).is_ok());
     }
 }

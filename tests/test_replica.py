@@ -699,7 +699,8 @@ def test_lost_duplicated_reordered_corrupt_messages(cluster, tmp_path, port):
 @pytest.mark.parametrize("how", ["other_primary", "primary_files_replaced", "primary_rolled_back"])
 def test_divergent_history_rebootstraps(cluster, tmp_path, how):
     """other_primary: the endpoint is pointed at another database with a shorter
-    history. primary_files_replaced: the primary's files are replaced by a backup
+    history: refused (status says so, nothing changes) until PRAGMA
+    walcast_rebootstrap. primary_files_replaced: the primary's files are replaced by a backup
     of themselves, which then takes different writes past the replica's
     position (same db_id, same frame_nos, other checksums). primary_rolled_back:
     the same, but the backup stays behind the replica's position."""
@@ -720,8 +721,18 @@ def test_divergent_history_rebootstraps(cluster, tmp_path, how):
         cluster.primary(target, port2, setup="CREATE TABLE other(x); " + T_SCHEMA, name="p2")
         commit_many(target, 3, per_txn=7)
         assert wc.frame_no(target) < applied_before
+        before = summary(replica)
         r = rn.sql(f"PRAGMA walcast_endpoint = '{tcp(port2)}'")
         assert "error" not in r, r
+        # Refused, visibly, with the replica's content unchanged ...
+        st = wc.wait_for(lambda: (s := rn.status())["state"] == "error" and "another database" in (s["last_error"] or "") and s,
+                         timeout=20, what=f"the replica refusing another database's primary\n{cluster.diag(replica)}")
+        assert "walcast_rebootstrap" in st["last_error"], st
+        assert st["applied_frame_no"] == applied_before and st["bootstraps"] == b0, st
+        assert summary(replica) == before
+        assert wc.status(replica)["state"] == "error", "other processes see the refusal too"
+        # ... until told to re-bootstrap from it.
+        assert rn.rows("PRAGMA walcast_rebootstrap") == [["requested"]]
     else:
         # A backup of p1's files, taken while nothing has it open.
         pn1.close()
@@ -854,10 +865,12 @@ def test_bad_input_changes_nothing(cluster, tmp_path, port):
     r = rn.sql("PRAGMA walcast_endpoint = 'http://x'")
     assert "invalid walcast_endpoint" in r.get("error", ""), r
 
-    # The replica role on a primary.
-    p = wc.shell("PRAGMA walcast_role = 'replica';", db=primary, check=False)
-    assert p.returncode != 0 and p.stderr.strip(), (p.stdout, p.stderr)
+    # A rebootstrap on a primary, or with a value.
+    p = wc.shell("PRAGMA walcast_rebootstrap;", db=primary, check=False)
+    assert p.returncode != 0 and "only a replica can rebootstrap" in p.stderr, (p.stdout, p.stderr)
     assert wc.shell("PRAGMA walcast_role;", db=primary).stdout.strip() == "primary"
+    r = rn.sql("PRAGMA walcast_rebootstrap = 'yes'")
+    assert "takes no value" in r.get("error", ""), r
 
     # Writes to the replica through walcast: refused as read-only.
     p = wc.py(f"""
