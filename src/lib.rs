@@ -9,6 +9,8 @@
 //! - `primary`: per-database state, role, capture thread, VFS hook decisions.
 //! - `restore`: verify and point-in-time restore from the log.
 //! - `conf`: the role and identity file beside the database.
+//! - `wire`: the message format; `seal`: optional authenticated encryption of
+//!   messages; `transport`: NNG sockets and endpoints.
 //! - `sql`: the SQL functions.
 //! - `vfs`: the `walcast` VFS callbacks, the API pointer, the entry point glue.
 
@@ -23,6 +25,7 @@ pub mod primary;
 pub mod publish;
 pub mod replica;
 pub mod restore;
+pub mod seal;
 pub mod sql;
 pub mod transport;
 pub mod vfs;

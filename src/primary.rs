@@ -235,6 +235,25 @@ fn open_main_db(
     Ok(())
 }
 
+/// What `PRAGMA walcast_key` and the status show of the key: whether one is
+/// set and its fingerprint, never the key.
+fn key_state(db_path: &str) -> String {
+    match crate::seal::Sealer::load(db_path) {
+        Ok(s) => s.fingerprint().map_or_else(|| "off".to_string(), |f| format!("on (fingerprint {f})")),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+fn add_key_status(v: &mut serde_json::Value, db_path: &str) {
+    match crate::seal::Sealer::load(db_path) {
+        Ok(s) => {
+            v["encryption"] = if s.is_on() { "xchacha20poly1305" } else { "off" }.into();
+            v["key_fingerprint"] = s.fingerprint().into();
+        }
+        Err(e) => v["encryption"] = format!("error: {e}").into(),
+    }
+}
+
 /// The answer to a walcast pragma on a database walcast cannot replicate.
 pub fn pragma_on_unreplicable(name: &str, what: &str) -> PragmaOutcome {
     if name.to_ascii_lowercase().starts_with("walcast_") {
@@ -809,6 +828,7 @@ impl DbState {
                 v["endpoint"] = self.endpoint().into();
             }
             v["rebootstrap_requested"] = Conf::load(&self.conf_path).is_ok_and(|c| c.rebootstrap).into();
+            add_key_status(&mut v, &self.db_path);
             return v.to_string();
         }
         // Up to date, unless a base image is waiting for writers: the status then
@@ -826,6 +846,7 @@ impl DbState {
         if let Some(id) = conf.as_ref().and_then(|c| c.db_id) {
             v["db_id"] = hex(&id).into();
         }
+        add_key_status(&mut v, &self.db_path);
         if let Some(p) = &g.publisher {
             v["endpoint"] = p.endpoint.url.clone().into();
             v["catchup_endpoint"] = p.endpoint.catchup.clone().into();
@@ -896,6 +917,14 @@ impl DbState {
                 Err(e) => PragmaOutcome::Fail(e),
             },
             ("walcast_status", Some(_)) => PragmaOutcome::Fail("walcast_status is read-only".into()),
+            ("walcast_key", None) => PragmaOutcome::Done(Some(key_state(&self.db_path))),
+            ("walcast_key", Some(_)) if readonly => {
+                PragmaOutcome::Fail(format!("cannot set walcast_key on a read-only connection to {}", self.db_path))
+            }
+            ("walcast_key", Some(v)) => match self.set_key(v) {
+                Ok(()) => PragmaOutcome::Done(Some(key_state(&self.db_path))),
+                Err(e) => PragmaOutcome::Fail(e),
+            },
             ("walcast_rebootstrap", _) if readonly => {
                 PragmaOutcome::Fail(format!("cannot use walcast_rebootstrap on a read-only connection to {}", self.db_path))
             }
@@ -907,7 +936,7 @@ impl DbState {
                 Err(e) => PragmaOutcome::Fail(e),
             },
             (n, _) if n.starts_with("walcast_") => PragmaOutcome::Fail(format!(
-                "unknown pragma '{name}': walcast has walcast_role, walcast_endpoint, walcast_status and walcast_rebootstrap"
+                "unknown pragma '{name}': walcast has walcast_role, walcast_endpoint, walcast_key, walcast_status and walcast_rebootstrap"
             )),
             ("journal_mode", Some(v)) if !v.trim().eq_ignore_ascii_case("wal") && self.lock().role == Role::Primary => {
                 PragmaOutcome::Fail(format!(
@@ -923,6 +952,30 @@ impl DbState {
             }
             _ => PragmaOutcome::NotOurs,
         }
+    }
+
+    /// `PRAGMA walcast_key = '<64 hex digits>'` or `'off'`: the shared key that
+    /// seals every message (see `seal.rs`), kept in `<db>-walcast-key` (mode
+    /// 0600). The publisher and the applier of this process restart with it at
+    /// once; other processes notice the changed file within a quarter second.
+    fn set_key(&self, v: &str) -> Result<(), String> {
+        let key = match v.trim() {
+            "" | "off" | "OFF" | "none" => None,
+            other => Some(crate::seal::parse_key(other)?),
+        };
+        crate::seal::store_key(&self.db_path, key.as_ref())
+            .map_err(|e| format!("cannot write {}: {e}", crate::seal::key_path(&self.db_path).display()))?;
+        let mut g = self.lock();
+        if let Some(p) = g.publisher.take() {
+            let ep = p.endpoint.clone();
+            drop(p);
+            g.publisher = Some(crate::publish::start(&self.db_path, self.log_path.clone(), ep));
+        }
+        if let Some(r) = &g.replica {
+            let ep = r.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            r.shared.set_endpoint(ep);
+        }
+        Ok(())
     }
 
     /// `PRAGMA walcast_rebootstrap`: the replica's next catch-up replaces its

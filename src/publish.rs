@@ -136,7 +136,18 @@ fn publisher_thread(
             }
         }
     }
-    let sockets = match PrimarySockets::listen(ep) {
+    // The key is read when publishing starts; a changed key file restarts it.
+    let key_stamp = crate::seal::key_stamp(name);
+    let sealer = match crate::seal::Sealer::load(name) {
+        Ok(s) => s,
+        Err(e) => {
+            set_error(stats, name, Some(format!("not publishing: {e}")));
+            drop(lock);
+            let _ = rx.recv_timeout(Duration::from_secs(1));
+            return;
+        }
+    };
+    let sockets = match PrimarySockets::listen(ep, sealer.clone()) {
         Ok(s) => s,
         Err(e) => {
             set_error(stats, name, Some(e));
@@ -174,11 +185,11 @@ fn publisher_thread(
 
     let server_stop = Arc::new(AtomicBool::new(false));
     let server = {
-        let (sock, path, st, ss, n) =
-            (sockets.catchup.clone(), log_path.to_path_buf(), stats.clone(), server_stop.clone(), name.to_string());
+        let (sock, path, st, ss, n, sealer) =
+            (sockets.catchup.clone(), log_path.to_path_buf(), stats.clone(), server_stop.clone(), name.to_string(), sealer);
         std::thread::Builder::new().name("walcast-catchup".into()).spawn(move || {
             while !ss.load(Ordering::Acquire) {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_catchup(&n, &sock, &path, &ss, &st)));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_catchup(&n, &sock, &sealer, &path, &ss, &st)));
                 if r.is_err() {
                     crate::primary::report(&format!("{n}: internal error in the catch-up server; restarting it"));
                     std::thread::sleep(Duration::from_millis(200));
@@ -199,7 +210,7 @@ fn publisher_thread(
         // demoted primary must not keep serving its history).
         if last_conf_check.elapsed() >= Duration::from_millis(250) {
             last_conf_check = Instant::now();
-            if !conf_says_primary(name) {
+            if !conf_says_primary(name) || crate::seal::key_stamp(name) != key_stamp {
                 break;
             }
         }
@@ -239,7 +250,7 @@ fn publisher_thread(
         if (beat_owed && since >= BEAT_AFTER_ACTIVITY) || since >= HEARTBEAT_EVERY {
             let p = tail.pos;
             let hb = wire::heartbeat(tail.db_id, p.generation, p.last_frame_no, p.last_checksum, crate::log::now_ms());
-            let _ = sockets.publish.send(&hb[..]);
+            sockets.publish(&hb);
             last_beat = Instant::now();
             beat_owed = false;
         }
@@ -302,12 +313,12 @@ impl Batch {
             if fb.full() {
                 let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, s.generation, 0, s.last_frame_no, s.page_size));
                 // A full queue drops the message: the replica sees the gap and catches up.
-                let _ = sockets.publish.send(&full.finish()[..]);
+                sockets.publish(&full.finish());
             }
             fb.push(h, page);
             Ok(true)
         })?;
-        let _ = sockets.publish.send(&fb.finish()[..]);
+        sockets.publish(&fb.finish());
         Ok(true)
     }
 }
@@ -409,7 +420,14 @@ struct Snapshot {
     used: Instant,
 }
 
-fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &AtomicBool, stats: &PublishStats) {
+fn serve_catchup(
+    name: &str,
+    sock: &nng::Socket,
+    sealer: &crate::seal::Sealer,
+    path: &std::path::Path,
+    stop: &AtomicBool,
+    stats: &PublishStats,
+) {
     let mut index = match Index::open(path) {
         Ok(i) => i,
         Err(e) => {
@@ -444,6 +462,18 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
             }
         };
         indexed = matches!(refreshed, Ok(true));
+        let (request, nonce) = crate::transport::open_request(sealer, msg.as_slice());
+        let Ok(request) = request else {
+            // Unsealed, so that the replica can tell its operator why; it names
+            // no database.
+            let why = if sealer.is_on() {
+                "this primary requires its walcast_key: the request was not sealed with it (the replica has no key, or another)"
+            } else {
+                "this primary has no walcast_key, but the request was encrypted: set the same key on both sides, or none"
+            };
+            let _ = sock.send(&wire::error([0; 16], 0, why)[..]);
+            continue;
+        };
         let reply = match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
             Ok(false) => wire::error(
@@ -451,12 +481,12 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
                 0,
                 &format!("the primary is still indexing its log (at byte {} of {}); try again", index.last().offset, index.log_len()),
             ),
-            Ok(true) => match answer(&index, &msg, &mut snapshots, &mut next_snapshot_id, stats) {
+            Ok(true) => match answer(&index, &request, &mut snapshots, &mut next_snapshot_id, stats) {
                 Ok(r) => r,
                 Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
             },
         };
-        let _ = sock.send(&reply[..]);
+        let _ = sock.send(&crate::transport::seal_reply(sealer, &nonce, &reply)[..]);
     }
 }
 

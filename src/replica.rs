@@ -368,6 +368,8 @@ struct Session<'a, F: ReplicaFiles> {
     refused: bool,
     /// The conf says this process must stop applying (promotion, role change).
     leave: bool,
+    /// The key file as this session read it.
+    key_stamp: Option<(u64, i64, i64, u64)>,
     last_conf_check: Instant,
     last_checkpoint: Instant,
     last_status_write: Instant,
@@ -390,6 +392,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             force_bootstrap: false,
             refused: false,
             leave: false,
+            key_stamp: None,
             last_conf_check: Instant::now(),
             last_checkpoint: Instant::now(),
             last_status_write: Instant::now() - Duration::from_secs(1),
@@ -420,7 +423,17 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 return;
             }
         };
-        let socks = match ReplicaSockets::dial(&ep) {
+        // The key is read when a session starts; a changed key file starts a new one.
+        self.key_stamp = crate::seal::key_stamp(self.db());
+        let sealer = match crate::seal::Sealer::load(self.db()) {
+            Ok(s) => s,
+            Err(e) => {
+                set_error(self.shared, "error", e);
+                let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
+                return;
+            }
+        };
+        let socks = match ReplicaSockets::dial(&ep, sealer) {
             Ok(s) => s,
             Err(e) => {
                 set_error(self.shared, "error", e);
@@ -455,10 +468,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 self.write_status();
             }
             match socks.subscribe.recv() {
-                Ok(msg) if self.faults.off() => self.on_message(msg.as_slice()),
+                Ok(msg) if self.faults.off() => self.receive(&socks, msg.as_slice()),
                 Ok(msg) => {
                     for m in self.faults.filter(msg.as_slice().to_vec()) {
-                        self.on_message(&m);
+                        self.receive(&socks, &m);
                     }
                 }
                 Err(nng::Error::TimedOut) => {}
@@ -533,6 +546,18 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             .map_err(|e| format!("cannot open {wal_path}: {e}"))?;
         self.app = Some(WalAppender::new(shm, wal, page_size));
         Ok(())
+    }
+
+    /// A message of the live stream: opened (authenticated and decrypted when a
+    /// key is set), then handled.
+    fn receive(&mut self, socks: &ReplicaSockets, raw: &[u8]) {
+        match socks.open_live(raw) {
+            Ok(m) => self.on_message(&m),
+            Err(e) => {
+                self.shared.status().last_message = Some(Instant::now());
+                self.reject(format!("discarded a message: {e}"));
+            }
+        }
     }
 
     fn on_message(&mut self, m: &[u8]) {
@@ -775,7 +800,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     fn call(&self, socks: &ReplicaSockets, req: &[u8]) -> Result<Vec<u8>, String> {
         let m = socks.call(req)?;
         self.shared.status().last_message = Some(Instant::now());
-        Ok(m.as_slice().to_vec())
+        Ok(m)
     }
 
     /// Fetches what is missing through the catch-up socket until up to date.
@@ -962,6 +987,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             self.last_conf_check = Instant::now();
             match load_conf(self.db()) {
                 Some(c) if c.role != crate::conf::Role::Replica || c.promoting => self.leave = true,
+                _ if crate::seal::key_stamp(self.db()) != self.key_stamp => self.leave = true,
                 Some(c) if c.rebootstrap && !self.force_bootstrap => {
                     self.force_bootstrap = true;
                     self.need_catchup = true;

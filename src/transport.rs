@@ -8,12 +8,16 @@
 //!
 //! - `tcp://HOST:PORT` -> `tcp://HOST:PORT+1`
 //! - `ipc:///PATH`     -> `ipc:///PATH.catchup`
+//!
+//! With a key set, every message goes through `seal.rs` on its way out and in.
 
+use crate::seal::{Channel, Nonce, Sealer, NONCE_LEN, OVERHEAD};
 use nng::options::{
     protocol::pubsub::Subscribe, protocol::reqrep::ResendTime, Options, ReconnectMaxTime, ReconnectMinTime, RecvBufferSize, RecvMaxSize,
     RecvTimeout, SendBufferSize, SendTimeout,
 };
 use nng::{Protocol, Socket};
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +69,12 @@ pub fn default_endpoint(db_path: &str) -> String {
     format!("ipc://{}-walcast.sock", abs.display())
 }
 
+/// The largest message a replica accepts (NNG drops bigger ones before they
+/// are allocated): the largest message walcast sends, sealed.
+pub const MAX_RECEIVED: usize = crate::wire::MAX_MESSAGE + OVERHEAD;
+/// The largest catch-up request the primary accepts.
+pub const MAX_REQUEST: usize = 4096;
+
 fn nng_err(what: &str, url: &str, e: nng::Error) -> String {
     format!("{what} {url}: {e}")
 }
@@ -75,10 +85,11 @@ pub struct PrimarySockets {
     pub catchup: Socket,
     /// Replicas connected to the PUB socket now.
     pub replicas: Arc<AtomicI64>,
+    pub sealer: Sealer,
 }
 
 impl PrimarySockets {
-    pub fn listen(ep: &Endpoint) -> Result<PrimarySockets, String> {
+    pub fn listen(ep: &Endpoint, sealer: Sealer) -> Result<PrimarySockets, String> {
         let publish = Socket::new(Protocol::Pub0).map_err(|e| nng_err("cannot create a PUB socket for", &ep.url, e))?;
         let replicas = Arc::new(AtomicI64::new(0));
         let count = replicas.clone();
@@ -100,13 +111,34 @@ impl PrimarySockets {
         remove_stale_ipc(&ep.url);
         publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
         let catchup = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
-        let _ = catchup.set_opt::<RecvMaxSize>(4096);
+        let _ = catchup.set_opt::<RecvMaxSize>(MAX_REQUEST);
         let _ = catchup.set_opt::<RecvTimeout>(Some(Duration::from_millis(200)));
         let _ = catchup.set_opt::<SendTimeout>(Some(Duration::from_secs(5)));
         remove_stale_ipc(&ep.catchup);
         catchup.listen(&ep.catchup).map_err(|e| nng_err("cannot listen on", &ep.catchup, e))?;
-        Ok(PrimarySockets { publish, catchup, replicas })
+        Ok(PrimarySockets { publish, catchup, replicas, sealer })
     }
+
+    /// Sends on the live stream, sealed when a key is set. A full queue drops
+    /// the message (see above).
+    pub fn publish(&self, msg: &[u8]) {
+        let (m, _) = self.sealer.seal(Channel::Live, &[0; NONCE_LEN], msg);
+        let _ = self.publish.send(&m[..]);
+    }
+}
+
+/// One catch-up request as the server sees it: the plain request, or why it
+/// cannot be read, and the nonce its reply is bound to.
+pub fn open_request<'a>(sealer: &Sealer, m: &'a [u8]) -> (Result<Cow<'a, [u8]>, String>, Nonce) {
+    match sealer.open(Channel::Request, &[0; NONCE_LEN], m) {
+        Ok((plain, nonce)) => (Ok(plain), nonce),
+        Err(e) => (Err(e), [0; NONCE_LEN]),
+    }
+}
+
+/// The reply to a request whose envelope had `nonce`, bound to it.
+pub fn seal_reply(sealer: &Sealer, nonce: &Nonce, reply: &[u8]) -> Vec<u8> {
+    sealer.seal(Channel::Reply, nonce, reply).0
 }
 
 /// A socket file left by a process that died cannot be listened on again;
@@ -122,33 +154,44 @@ fn remove_stale_ipc(url: &str) {
 pub struct ReplicaSockets {
     pub subscribe: Socket,
     pub request: Socket,
+    pub sealer: Sealer,
 }
 
 impl ReplicaSockets {
-    pub fn dial(ep: &Endpoint) -> Result<ReplicaSockets, String> {
+    pub fn dial(ep: &Endpoint, sealer: Sealer) -> Result<ReplicaSockets, String> {
         let subscribe = Socket::new(Protocol::Sub0).map_err(|e| nng_err("cannot create a SUB socket for", &ep.url, e))?;
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
-        subscribe.set_opt::<RecvMaxSize>(crate::wire::MAX_MESSAGE).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
+        subscribe.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
         // At most this many ~1 MiB messages wait in the replica's queue.
         let _ = subscribe.set_opt::<RecvBufferSize>(4);
         let _ = subscribe.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = subscribe.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
         subscribe.dial_async(&ep.url).map_err(|e| nng_err("cannot dial", &ep.url, e))?;
         let request = Socket::new(Protocol::Req0).map_err(|e| nng_err("cannot create a REQ socket for", &ep.catchup, e))?;
-        request.set_opt::<RecvMaxSize>(crate::wire::MAX_MESSAGE).map_err(|e| nng_err("cannot limit messages from", &ep.catchup, e))?;
+        request.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.catchup, e))?;
         let _ = request.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = request.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
         let _ = request.set_opt::<ResendTime>(Some(Duration::from_secs(2)));
         let _ = request.set_opt::<SendTimeout>(Some(Duration::from_secs(2)));
         let _ = request.set_opt::<RecvTimeout>(Some(Duration::from_secs(5)));
         request.dial_async(&ep.catchup).map_err(|e| nng_err("cannot dial", &ep.catchup, e))?;
-        Ok(ReplicaSockets { subscribe, request })
+        Ok(ReplicaSockets { subscribe, request, sealer })
     }
 
-    /// One request and its reply. NNG resends on a lost reply.
-    pub fn call(&self, msg: &[u8]) -> Result<nng::Message, String> {
-        self.request.send(msg).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
-        self.request.recv().map_err(|e| format!("no catch-up reply: {e}"))
+    /// One request and its reply, which must answer this very request when a
+    /// key is set. NNG resends on a lost reply.
+    pub fn call(&self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        let (m, nonce) = self.sealer.seal(Channel::Request, &[0; NONCE_LEN], msg);
+        self.request.send(&m[..]).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
+        let reply = self.request.recv().map_err(|e| format!("no catch-up reply: {e}"))?;
+        let (plain, _) = self.sealer.open(Channel::Reply, &nonce, reply.as_slice()).map_err(|e| format!("bad catch-up reply: {e}"))?;
+        Ok(plain.into_owned())
+    }
+
+    /// A message of the live stream, opened (authenticated and decrypted when
+    /// a key is set).
+    pub fn open_live<'a>(&self, m: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
+        self.sealer.open(Channel::Live, &[0; NONCE_LEN], m).map(|(plain, _)| plain)
     }
 }
 
