@@ -12,6 +12,7 @@
 use crate::apply::{ApplyError, ShmLocks, WalAppender};
 use crate::frame::FrameHeader;
 use crate::log::{hex, now_ms};
+use crate::receive::{self, FrameVerdict};
 use crate::transport::{parse_endpoint, Endpoint, ReplicaSockets};
 use crate::wire::{self, Body, Header};
 use std::fs::File;
@@ -553,22 +554,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// Verifies frames and applies every transaction they complete.
     fn apply_frames(&mut self, h: &Header, page_size: u32, frames: &[(FrameHeader, &[u8])]) -> Outcome {
         let Some(pos) = self.pos else { return Outcome::Gap };
-        if h.db_id != pos.db_id {
-            return Outcome::Rejected(format!(
-                "refused frames of another database (db_id {}; this replica follows {})",
-                hex(&h.db_id),
-                hex(&pos.db_id)
-            ));
-        }
         let current_gen = self.pending.as_ref().map_or(pos.generation, |p| p.generation);
-        if h.generation < current_gen {
-            return Outcome::Rejected(format!(
-                "refused frames of old generation {} (the replica is at generation {current_gen})",
-                h.generation
-            ));
-        }
-        if page_size != pos.page_size {
-            return Outcome::Rejected(format!("refused frames with {page_size}-byte pages (the replica has {}-byte pages)", pos.page_size));
+        if let Err(why) = receive::check_frames_message(h, page_size, &pos.db_id, current_gen, pos.page_size) {
+            return Outcome::Rejected(why);
         }
         let (mut expected, mut prev) = match &self.pending {
             Some(p) => (p.next_frame, p.prev_checksum),
@@ -579,24 +567,14 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         let mut done: Option<Position> = None;
         let outcome = 'frames: {
             for (i, (fh, page)) in frames.iter().enumerate() {
-                if fh.frame_no < expected {
-                    continue; // a duplicate of what is applied or pending
-                }
-                if fh.frame_no > expected {
+                let skips_base_image =
+                    self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0);
+                match receive::judge_frame(fh, page, expected, prev, skips_base_image) {
+                    FrameVerdict::Duplicate => continue,
                     // Catch-up continues from here, also inside a transaction.
-                    break 'frames Outcome::Gap;
-                }
-                if self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0) {
-                    break 'frames Outcome::Gap;
-                }
-                if !fh.chains_from(prev, page) {
-                    break 'frames Outcome::Rejected(format!(
-                        "refused frame_no {}: checksum chain broken (a bad frame is never applied)",
-                        fh.frame_no
-                    ));
-                }
-                if fh.page_no == 0 {
-                    break 'frames Outcome::Rejected(format!("refused frame_no {}: page_no 0", fh.frame_no));
+                    FrameVerdict::Gap => break 'frames Outcome::Gap,
+                    FrameVerdict::Refuse(why) => break 'frames Outcome::Rejected(why),
+                    FrameVerdict::Apply => {}
                 }
                 if self.pending.is_none() {
                     if let Err(e) = self.begin() {
@@ -757,13 +735,8 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         crate::primary::report(&format!("{}: bootstrapping from a snapshot: {reason}", self.db()));
         let (db_id, generation) = self.pos.map_or(([0; 16], 0), |p| (p.db_id, p.generation));
         let reply = self.call(socks, &wire::req_snapshot(db_id, generation))?;
-        let (h, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
-        let Body::Snapshot { snapshot_id, frame_no, checksum, page_size, db_pages } = body else {
-            return Err(match body {
-                Body::Error { reason } => format!("the primary cannot make a snapshot: {reason}"),
-                _ => "unexpected snapshot reply".into(),
-            });
-        };
+        let snap = receive::snapshot_reply(&reply)?;
+        let page_size = snap.page_size;
         // Until the snapshot is committed the file names no position: a crash
         // in between must bootstrap again, not apply frames onto a half-known state.
         if let Some(f) = &self.pos_file {
@@ -777,29 +750,18 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.begin()?;
         let r = (|| {
             let mut held: Option<(u32, Vec<u8>)> = None;
-            let mut from = 1u32;
-            while from <= db_pages {
-                let reply = self.call(socks, &wire::req_pages(h.db_id, h.generation, snapshot_id, from))?;
-                let (_, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
-                let (next_page, pages) = match body {
-                    Body::Pages { snapshot_id: id, next_page, page_size: ps, pages }
-                        if id == snapshot_id && ps == page_size && next_page > from =>
-                    {
-                        (next_page, pages)
-                    }
-                    Body::Error { reason } => return Err(format!("snapshot failed: {reason}")),
-                    _ => return Err("unexpected snapshot page reply".into()),
-                };
-                for (n, page) in pages {
+            let mut copy = receive::SnapshotCopy::new(&snap);
+            while let Some(from) = copy.next_request() {
+                let reply = self.call(socks, &wire::req_pages(snap.db_id, snap.generation, snap.snapshot_id, from))?;
+                for (n, page) in copy.accept(&reply)? {
                     if let Some((hn, hp)) = held.replace((n, page.to_vec())) {
                         self.app.as_mut().unwrap().append(hn, &hp, 0).map_err(|e| e.to_string())?;
                     }
                 }
-                from = next_page;
             }
             let (hn, hp) = held.ok_or("the snapshot holds no pages")?;
             let app = self.app.as_mut().unwrap();
-            app.append(hn, &hp, db_pages).map_err(|e| e.to_string())?;
+            app.append(hn, &hp, snap.db_pages).map_err(|e| e.to_string())?;
             app.commit().map_err(|e| e.to_string())
         })();
         if let Err(e) = r {
@@ -807,7 +769,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             return Err(e);
         }
         self.shared.status().bootstraps += 1;
-        self.applied(Position { db_id: h.db_id, generation: h.generation, frame_no, checksum, page_size });
+        self.applied(Position {
+            db_id: snap.db_id,
+            generation: snap.generation,
+            frame_no: snap.frame_no,
+            checksum: snap.checksum,
+            page_size,
+        });
         Ok(())
     }
 
