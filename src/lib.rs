@@ -7,6 +7,7 @@
 //! - `capture`: keeping the log in step with the WAL; base images; generations.
 //! - `claim`: which WAL commits walcast wrote (to recognize foreign writes).
 //! - `primary`: per-database state, role, capture thread, VFS hook decisions.
+//! - `receive`: the replica's checks on received frames and snapshot replies.
 //! - `restore`: verify and point-in-time restore from the log.
 //! - `conf`: the role and identity file beside the database.
 //! - `wire`: the message format; `seal`: optional authenticated encryption of
@@ -23,6 +24,7 @@ pub mod log;
 pub mod logtail;
 pub mod primary;
 pub mod publish;
+pub mod receive;
 pub mod replica;
 pub mod restore;
 pub mod seal;

@@ -428,40 +428,24 @@ fn serve_catchup(
     stop: &AtomicBool,
     stats: &PublishStats,
 ) {
-    let mut index = match Index::open(path) {
-        Ok(i) => i,
+    let mut server = match CatchupServer::open(path) {
+        Ok(s) => s,
         Err(e) => {
             set_error(stats, name, Some(format!("catch-up server cannot read {}: {e}", path.display())));
             std::thread::sleep(Duration::from_secs(1));
             return;
         }
     };
-    let mut snapshots: VecDeque<Snapshot> = VecDeque::new();
-    let mut next_snapshot_id = crate::log::now_ms();
-    let mut indexed = false;
     while !stop.load(Ordering::Acquire) {
         let msg = match sock.recv() {
             Ok(m) => m,
             Err(nng::Error::TimedOut) => {
-                if !indexed {
-                    indexed = index.refresh(INDEX_STEP).unwrap_or(false);
-                }
+                server.idle();
                 continue;
             }
             Err(nng::Error::Closed) => return,
             Err(_) => continue,
         };
-        snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
-        // Index what is new, within a time budget for a long unindexed log.
-        let deadline = Instant::now() + Duration::from_millis(200);
-        let refreshed = loop {
-            match index.refresh(INDEX_STEP) {
-                Ok(true) => break Ok(true),
-                Ok(false) if Instant::now() < deadline => {}
-                other => break other,
-            }
-        };
-        indexed = matches!(refreshed, Ok(true));
         let (request, nonce) = crate::transport::open_request(sealer, msg.as_slice());
         let Ok(request) = request else {
             // Unsealed, so that the replica can tell its operator why; it names
@@ -474,19 +458,64 @@ fn serve_catchup(
             let _ = sock.send(&wire::error([0; 16], 0, why)[..]);
             continue;
         };
-        let reply = match refreshed {
+        let reply = server.handle(&request, stats);
+        let _ = sock.send(&crate::transport::seal_reply(sealer, &nonce, &reply)[..]);
+    }
+}
+
+/// The catch-up server without its socket: the log index and the snapshots
+/// being served. `handle` answers any request, whatever its bytes, with a
+/// reply (an ERROR reply for what it refuses).
+pub struct CatchupServer {
+    index: Index,
+    snapshots: VecDeque<Snapshot>,
+    next_snapshot_id: u64,
+    indexed: bool,
+}
+
+impl CatchupServer {
+    pub fn open(log_path: &std::path::Path) -> io::Result<CatchupServer> {
+        Ok(CatchupServer {
+            index: Index::open(log_path)?,
+            snapshots: VecDeque::new(),
+            next_snapshot_id: crate::log::now_ms(),
+            indexed: false,
+        })
+    }
+
+    /// Indexes a step of a long log while no request waits.
+    pub fn idle(&mut self) {
+        if !self.indexed {
+            self.indexed = self.index.refresh(INDEX_STEP).unwrap_or(false);
+        }
+    }
+
+    /// The reply to one request.
+    pub fn handle(&mut self, msg: &[u8], stats: &PublishStats) -> Vec<u8> {
+        let index = &mut self.index;
+        self.snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
+        // Index what is new, within a time budget for a long unindexed log.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let refreshed = loop {
+            match index.refresh(INDEX_STEP) {
+                Ok(true) => break Ok(true),
+                Ok(false) if Instant::now() < deadline => {}
+                other => break other,
+            }
+        };
+        self.indexed = matches!(refreshed, Ok(true));
+        match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
             Ok(false) => wire::error(
                 index.tail.db_id,
                 0,
                 &format!("the primary is still indexing its log (at byte {} of {}); try again", index.last().offset, index.log_len()),
             ),
-            Ok(true) => match answer(&index, &request, &mut snapshots, &mut next_snapshot_id, stats) {
+            Ok(true) => match answer(index, msg, &mut self.snapshots, &mut self.next_snapshot_id, stats) {
                 Ok(r) => r,
                 Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
             },
-        };
-        let _ = sock.send(&crate::transport::seal_reply(sealer, &nonce, &reply)[..]);
+        }
     }
 }
 

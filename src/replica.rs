@@ -12,6 +12,7 @@
 use crate::apply::{ApplyError, ShmLocks, WalAppender};
 use crate::frame::FrameHeader;
 use crate::log::{hex, now_ms};
+use crate::receive::{self, FrameVerdict};
 use crate::transport::{parse_endpoint, Endpoint, ReplicaSockets};
 use crate::wire::{self, Body, Header};
 use std::fs::File;
@@ -630,22 +631,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// Verifies frames and applies every transaction they complete.
     fn apply_frames(&mut self, h: &Header, page_size: u32, frames: &[(FrameHeader, &[u8])]) -> Outcome {
         let Some(pos) = self.pos else { return Outcome::Gap };
-        if h.db_id != pos.db_id {
-            return Outcome::Rejected(format!(
-                "refused frames of another database (db_id {}; this replica follows {})",
-                hex(&h.db_id),
-                hex(&pos.db_id)
-            ));
-        }
         let current_gen = self.pending.as_ref().map_or(pos.generation, |p| p.generation);
-        if h.generation < current_gen {
-            return Outcome::Rejected(format!(
-                "refused frames of old generation {} (the replica is at generation {current_gen})",
-                h.generation
-            ));
-        }
-        if page_size != pos.page_size {
-            return Outcome::Rejected(format!("refused frames with {page_size}-byte pages (the replica has {}-byte pages)", pos.page_size));
+        if let Err(why) = receive::check_frames_message(h, page_size, &pos.db_id, current_gen, pos.page_size) {
+            return Outcome::Rejected(why);
         }
         let (mut expected, mut prev) = match &self.pending {
             Some(p) => (p.next_frame, p.prev_checksum),
@@ -656,24 +644,14 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         let mut done: Option<Position> = None;
         let outcome = 'frames: {
             for (i, (fh, page)) in frames.iter().enumerate() {
-                if fh.frame_no < expected {
-                    continue; // a duplicate of what is applied or pending
-                }
-                if fh.frame_no > expected {
+                let skips_base_image =
+                    self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0);
+                match receive::judge_frame(fh, page, expected, prev, skips_base_image) {
+                    FrameVerdict::Duplicate => continue,
                     // Catch-up continues from here, also inside a transaction.
-                    break 'frames Outcome::Gap;
-                }
-                if self.pending.is_none() && h.generation > pos.generation && !(i == 0 && h.flags & wire::FLAG_GENERATION_START != 0) {
-                    break 'frames Outcome::Gap;
-                }
-                if !fh.chains_from(prev, page) {
-                    break 'frames Outcome::Rejected(format!(
-                        "refused frame_no {}: checksum chain broken (a bad frame is never applied)",
-                        fh.frame_no
-                    ));
-                }
-                if fh.page_no == 0 {
-                    break 'frames Outcome::Rejected(format!("refused frame_no {}: page_no 0", fh.frame_no));
+                    FrameVerdict::Gap => break 'frames Outcome::Gap,
+                    FrameVerdict::Refuse(why) => break 'frames Outcome::Rejected(why),
+                    FrameVerdict::Apply => {}
                 }
                 if self.pending.is_none() {
                     if let Err(e) = self.begin() {
@@ -767,29 +745,29 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// database, or a generation older than the replica's (a stale primary,
     /// such as the old primary after a failover). A requested rebootstrap
     /// accepts either.
-    fn check_source(&mut self, h: &Header, ep: &Endpoint) -> Result<(), String> {
+    fn check_source(&mut self, db_id: &[u8; 16], generation: u64, ep: &Endpoint) -> Result<(), String> {
         if self.force_bootstrap {
             return Ok(());
         }
-        if let Some(id) = self.identity.filter(|id| *id != h.db_id) {
+        if let Some(id) = self.identity.filter(|id| id != db_id) {
             self.refused = true;
             return Err(format!(
                 "refused the primary at {}: it serves another database (db_id {}; this replica follows {}). \
                  Point walcast_endpoint at this database's primary, or run PRAGMA walcast_rebootstrap to replace this replica's content with that database",
                 ep.url,
-                hex(&h.db_id),
+                hex(db_id),
                 hex(&id)
             ));
         }
-        if h.generation < self.fence_generation {
+        if generation < self.fence_generation {
             self.refused = true;
             return Err(format!(
                 "refused the primary at {}: it is at generation {} (term {}), older than this replica's generation {} (term {}), \
                  so it is a stale primary (such as the old primary after a failover). Point walcast_endpoint at the current primary, \
                  or run PRAGMA walcast_rebootstrap to follow this one",
                 ep.url,
-                h.generation,
-                crate::log::term_of(h.generation),
+                generation,
+                crate::log::term_of(generation),
                 self.fence_generation,
                 crate::log::term_of(self.fence_generation)
             ));
@@ -832,7 +810,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             let reply = self.call(socks, &req).map_err(|e| format!("{e} (catch-up address {})", ep.catchup))?;
             let (h, body) = wire::decode(&reply).map_err(|e| format!("bad catch-up reply: {e}"))?;
             if matches!(body, Body::Frames { .. } | Body::NeedSnapshot { .. }) {
-                self.check_source(&h, ep)?;
+                self.check_source(&h.db_id, h.generation, ep)?;
             }
             match body {
                 Body::Frames { primary_last, page_size, frames } => {
@@ -876,14 +854,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         crate::primary::report(&format!("{}: bootstrapping from a snapshot: {reason}", self.db()));
         let (db_id, generation) = self.pos.map_or(([0; 16], 0), |p| (p.db_id, p.generation));
         let reply = self.call(socks, &wire::req_snapshot(db_id, generation))?;
-        let (h, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
-        let Body::Snapshot { snapshot_id, frame_no, checksum, page_size, db_pages } = body else {
-            return Err(match body {
-                Body::Error { reason } => format!("the primary cannot make a snapshot: {reason}"),
-                _ => "unexpected snapshot reply".into(),
-            });
-        };
-        self.check_source(&h, ep)?;
+        let snap = receive::snapshot_reply(&reply)?;
+        let page_size = snap.page_size;
+        self.check_source(&snap.db_id, snap.generation, ep)?;
         // Until the snapshot is committed the file names no position: a crash
         // in between must bootstrap again, not apply frames onto a half-known state.
         if let Some(f) = &self.pos_file {
@@ -897,32 +870,18 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.begin()?;
         let r = (|| {
             let mut held: Option<(u32, Vec<u8>)> = None;
-            let mut from = 1u32;
-            while from <= db_pages {
-                let reply = self.call(socks, &wire::req_pages(h.db_id, h.generation, snapshot_id, from))?;
-                let (ph, body) = wire::decode(&reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
-                if ph.db_id != h.db_id {
-                    return Err("a snapshot page reply names another database".into());
-                }
-                let (next_page, pages) = match body {
-                    Body::Pages { snapshot_id: id, next_page, page_size: ps, pages }
-                        if id == snapshot_id && ps == page_size && next_page > from =>
-                    {
-                        (next_page, pages)
-                    }
-                    Body::Error { reason } => return Err(format!("snapshot failed: {reason}")),
-                    _ => return Err("unexpected snapshot page reply".into()),
-                };
-                for (n, page) in pages {
+            let mut copy = receive::SnapshotCopy::new(&snap);
+            while let Some(from) = copy.next_request() {
+                let reply = self.call(socks, &wire::req_pages(snap.db_id, snap.generation, snap.snapshot_id, from))?;
+                for (n, page) in copy.accept(&reply)? {
                     if let Some((hn, hp)) = held.replace((n, page.to_vec())) {
                         self.app.as_mut().unwrap().append(hn, &hp, 0).map_err(|e| e.to_string())?;
                     }
                 }
-                from = next_page;
             }
             let (hn, hp) = held.ok_or("the snapshot holds no pages")?;
             let app = self.app.as_mut().unwrap();
-            app.append(hn, &hp, db_pages).map_err(|e| e.to_string())?;
+            app.append(hn, &hp, snap.db_pages).map_err(|e| e.to_string())?;
             app.commit().map_err(|e| e.to_string())
         })();
         if let Err(e) = r {
@@ -932,21 +891,27 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.shared.status().bootstraps += 1;
         // The snapshot's generation may be older than the fence when a
         // rebootstrap was asked for: the operator chose this primary.
-        self.fence_generation = h.generation;
-        self.identity = Some(h.db_id);
+        self.fence_generation = snap.generation;
+        self.identity = Some(snap.db_id);
         self.force_bootstrap = false;
         // Record whom the replica follows, and that the request is done, before
         // the position says the bootstrap is complete.
         if let Some(mut c) = load_conf(self.db()) {
-            if c.db_id != Some(h.db_id) || c.rebootstrap {
-                c.db_id = Some(h.db_id);
+            if c.db_id != Some(snap.db_id) || c.rebootstrap {
+                c.db_id = Some(snap.db_id);
                 c.rebootstrap = false;
                 if let Err(e) = c.save(&conf_path(self.db())) {
                     crate::primary::report(&format!("{}: cannot record the followed db_id: {e}", self.db()));
                 }
             }
         }
-        self.applied(Position { db_id: h.db_id, generation: h.generation, frame_no, checksum, page_size });
+        self.applied(Position {
+            db_id: snap.db_id,
+            generation: snap.generation,
+            frame_no: snap.frame_no,
+            checksum: snap.checksum,
+            page_size,
+        });
         Ok(())
     }
 
@@ -1211,15 +1176,14 @@ mod tests {
         let (shared, files) = (Shared::new("/nonexistent/r.db", None), NoFiles);
         let mut s = session(&shared, &files);
         let ep = parse_endpoint("tcp://127.0.0.1:9").unwrap();
-        let header = |db_id, generation| wire::decode(&wire::need_snapshot(db_id, generation, "x")).unwrap().0;
-        let e = s.check_source(&header(DB, 5), &ep).unwrap_err();
+        let e = s.check_source(&DB, 5, &ep).unwrap_err();
         assert!(e.contains("stale primary") && e.contains("term 0") && e.contains("term 1"), "{e}");
-        let e = s.check_source(&header([9; 16], (1 << 32) | 3), &ep).unwrap_err();
+        let e = s.check_source(&[9; 16], (1 << 32) | 3, &ep).unwrap_err();
         assert!(e.contains("another database") && e.contains("walcast_rebootstrap"), "{e}");
-        assert!(s.check_source(&header(DB, (1 << 32) | 3), &ep).is_ok());
-        assert!(s.check_source(&header(DB, (2 << 32) | 1), &ep).is_ok(), "a newer term is followed");
+        assert!(s.check_source(&DB, (1 << 32) | 3, &ep).is_ok());
+        assert!(s.check_source(&DB, (2 << 32) | 1, &ep).is_ok(), "a newer term is followed");
         // Told to: anything goes.
         s.force_bootstrap = true;
-        assert!(s.check_source(&header([9; 16], 1), &ep).is_ok());
+        assert!(s.check_source(&[9; 16], 1, &ep).is_ok());
     }
 }

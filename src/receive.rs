@@ -1,0 +1,184 @@
+//! The replica's checks on what it receives, as pure functions: whether a
+//! FRAMES message fits the replica's position, what to do with each of its
+//! frames, and whether each reply of a snapshot copy is well formed. The replica
+//! thread (`replica.rs`) calls them; so do the fuzz targets (`fuzz/`), which feed
+//! them arbitrary bytes.
+
+use crate::frame::FrameHeader;
+use crate::log::hex;
+use crate::wire::{self, Body, Header};
+
+/// Message-level checks of a FRAMES message: the database, the generation
+/// (`current_gen` is that of the transaction in progress, or of the position)
+/// and the page size must be the replica's.
+pub fn check_frames_message(h: &Header, page_size: u32, db_id: &[u8; 16], current_gen: u64, replica_page_size: u32) -> Result<(), String> {
+    if h.db_id != *db_id {
+        return Err(format!("refused frames of another database (db_id {}; this replica follows {})", hex(&h.db_id), hex(db_id)));
+    }
+    if h.generation < current_gen {
+        return Err(format!("refused frames of old generation {} (the replica is at generation {current_gen})", h.generation));
+    }
+    if page_size != replica_page_size {
+        return Err(format!("refused frames with {page_size}-byte pages (the replica has {replica_page_size}-byte pages)"));
+    }
+    Ok(())
+}
+
+/// What the replica does with one received frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameVerdict {
+    /// Already applied or pending: skip it.
+    Duplicate,
+    /// Frames are missing before it: catch up from the replica's position.
+    Gap,
+    /// The next frame, and it verifies.
+    Apply,
+    /// Never applied; the reason.
+    Refuse(String),
+}
+
+/// Judges one frame against the next expected frame_no and the checksum it must
+/// chain from. `skips_base_image`: the frame would start a new generation
+/// without being the first frame of its base image.
+pub fn judge_frame(fh: &FrameHeader, page: &[u8], expected: u64, prev: u64, skips_base_image: bool) -> FrameVerdict {
+    if fh.frame_no < expected {
+        return FrameVerdict::Duplicate;
+    }
+    if fh.frame_no > expected || skips_base_image {
+        return FrameVerdict::Gap;
+    }
+    if !fh.chains_from(prev, page) {
+        return FrameVerdict::Refuse(format!("refused frame_no {}: checksum chain broken (a bad frame is never applied)", fh.frame_no));
+    }
+    if fh.page_no == 0 {
+        return FrameVerdict::Refuse(format!("refused frame_no {}: page_no 0", fh.frame_no));
+    }
+    FrameVerdict::Apply
+}
+
+/// The start of a snapshot, from the SNAPSHOT reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotStart {
+    pub db_id: [u8; 16],
+    pub generation: u64,
+    pub snapshot_id: u64,
+    pub frame_no: u64,
+    pub checksum: u64,
+    pub page_size: u32,
+    pub db_pages: u32,
+}
+
+/// Reads the reply to a snapshot request.
+pub fn snapshot_reply(reply: &[u8]) -> Result<SnapshotStart, String> {
+    let (h, body) = wire::decode(reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
+    match body {
+        Body::Snapshot { snapshot_id, frame_no, checksum, page_size, db_pages } => {
+            Ok(SnapshotStart { db_id: h.db_id, generation: h.generation, snapshot_id, frame_no, checksum, page_size, db_pages })
+        }
+        Body::Error { reason } => Err(format!("the primary cannot make a snapshot: {reason}")),
+        _ => Err("unexpected snapshot reply".into()),
+    }
+}
+
+/// A snapshot being copied page by page: which pages to ask for next, and the
+/// checks on each PAGES reply. Accepted pages come in strictly increasing order,
+/// each in 1..=db_pages, so the copy ends after at most db_pages replies.
+pub struct SnapshotCopy {
+    pub db_id: [u8; 16],
+    pub snapshot_id: u64,
+    pub page_size: u32,
+    pub db_pages: u32,
+    /// The first page not yet received.
+    from: u32,
+}
+
+impl SnapshotCopy {
+    pub fn new(s: &SnapshotStart) -> SnapshotCopy {
+        SnapshotCopy { db_id: s.db_id, snapshot_id: s.snapshot_id, page_size: s.page_size, db_pages: s.db_pages, from: 1 }
+    }
+
+    /// The page the next request starts from, or None once every page is in.
+    pub fn next_request(&self) -> Option<u32> {
+        (self.from <= self.db_pages).then_some(self.from)
+    }
+
+    /// Checks a reply to the request `next_request` made; returns its pages
+    /// (borrowed from `reply`) and moves on past them.
+    pub fn accept<'a>(&mut self, reply: &'a [u8]) -> Result<Vec<(u32, &'a [u8])>, String> {
+        let (h, body) = wire::decode(reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
+        if h.db_id != self.db_id {
+            return Err("a snapshot page reply names another database".into());
+        }
+        let (next_page, pages) = match body {
+            Body::Pages { snapshot_id, next_page, page_size, pages }
+                if snapshot_id == self.snapshot_id && page_size == self.page_size && next_page > self.from =>
+            {
+                (next_page, pages)
+            }
+            Body::Error { reason } => return Err(format!("snapshot failed: {reason}")),
+            _ => return Err("unexpected snapshot page reply".into()),
+        };
+        // wire::decode saw to it that pages are in order and below next_page.
+        if let Some(&(n, _)) = pages.iter().find(|(n, _)| *n < self.from || *n > self.db_pages) {
+            return Err(format!("snapshot page {n} is outside the pages asked for ({}..={})", self.from, self.db_pages));
+        }
+        self.from = next_page;
+        Ok(pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::make_frame;
+    use crate::wire::PagesBuilder;
+
+    fn start(db_pages: u32) -> SnapshotStart {
+        SnapshotStart { db_id: [1; 16], generation: 1, snapshot_id: 9, frame_no: 5, checksum: 6, page_size: 512, db_pages }
+    }
+
+    #[test]
+    fn snapshot_pages_must_be_the_ones_asked_for() {
+        let page = [3u8; 512];
+        let mut copy = SnapshotCopy::new(&start(4));
+        assert_eq!(copy.next_request(), Some(1));
+        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
+        pb.push(1, &page);
+        pb.push(2, &page);
+        assert_eq!(copy.accept(&pb.finish(3)).unwrap().len(), 2);
+        assert_eq!(copy.next_request(), Some(3));
+        // A page before the one asked for (a replayed reply) is refused.
+        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
+        pb.push(2, &page);
+        assert!(copy.accept(&pb.finish(4)).unwrap_err().contains("outside"));
+        // So is a page past the snapshot's end.
+        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
+        pb.push(5, &page);
+        assert!(copy.accept(&pb.finish(6)).unwrap_err().contains("outside"));
+        // A reply that does not move forward, or of another snapshot, is refused.
+        assert!(copy.accept(&PagesBuilder::new([1; 16], 1, 9, 512).finish(3)).is_err());
+        assert!(copy.accept(&PagesBuilder::new([1; 16], 1, 8, 512).finish(5)).is_err());
+        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
+        pb.push(4, &page);
+        assert_eq!(copy.accept(&pb.finish(5)).unwrap(), vec![(4, &page[..])]);
+        assert_eq!(copy.next_request(), None);
+    }
+
+    #[test]
+    fn frames_are_judged_against_the_position() {
+        let page = [1u8; 512];
+        let f = make_frame(7, 3, 2, 0, &page);
+        assert_eq!(judge_frame(&f, &page, 3, 7, false), FrameVerdict::Apply);
+        assert_eq!(judge_frame(&f, &page, 4, 7, false), FrameVerdict::Duplicate);
+        assert_eq!(judge_frame(&f, &page, 2, 7, false), FrameVerdict::Gap);
+        assert_eq!(judge_frame(&f, &page, 3, 7, true), FrameVerdict::Gap);
+        assert!(matches!(judge_frame(&f, &page, 3, 8, false), FrameVerdict::Refuse(_)));
+        let z = make_frame(7, 3, 0, 0, &page);
+        assert!(matches!(judge_frame(&z, &page, 3, 7, false), FrameVerdict::Refuse(_)));
+        let h = Header { kind: wire::KIND_FRAMES, flags: 0, db_id: [1; 16], generation: 2 };
+        assert!(check_frames_message(&h, 512, &[1; 16], 2, 512).is_ok());
+        assert!(check_frames_message(&h, 512, &[2; 16], 2, 512).unwrap_err().contains("another database"));
+        assert!(check_frames_message(&h, 512, &[1; 16], 3, 512).unwrap_err().contains("old generation"));
+        assert!(check_frames_message(&h, 1024, &[1; 16], 2, 512).unwrap_err().contains("pages"));
+    }
+}
