@@ -5,7 +5,7 @@ EXT      := target/release/libwalcast.so
 PYTHON   := /usr/bin/python3
 CARGO    ?= cargo
 
-.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long bench clean
+.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long test-resource-faults-long bench clean
 
 all: build
 
@@ -40,6 +40,11 @@ test-big: test-deps build
 # of one of two concurrent writers).
 test-crash-long: test-deps build
 	WALCAST_CRASH_ITERATIONS=200 $(PYTHON) -m pytest -q tests/test_crash.py
+
+# Intermittent torn I/O errors on the primary's log, 20 times over (`make test`
+# runs it once, with the other resource-fault tests).
+test-resource-faults-long: test-deps build
+	WALCAST_RESFAULT_ROUNDS=20 $(PYTHON) -m pytest -q tests/test_resource_faults.py -k intermittent
 
 # The benchmark harness at full scale (BENCH_SCALE=full; about 20 minutes on 2
 # cores): writes BENCHMARKS.md and BENCHMARKS-lag.png at the repository root.

@@ -1139,15 +1139,24 @@ impl LogWriter {
     pub fn sync(&mut self) -> LogResult<()> {
         self.file.sync_data()?;
         self.durable_end = self.state.end_offset;
-        // Another process may have written a newer slot since we read the header.
-        if let Ok((_, seq, _, _, _)) = read_header(&self.path, &self.file) {
-            self.slot_seq = self.slot_seq.max(seq);
-        }
-        self.slot_seq += 1;
-        let slot = self.slot_seq % 2;
+        // Write the slot that is not the newest valid one on disk. Another
+        // process may have written a newer slot since we read the header; and a
+        // slot write of ours that failed half-way (EIO, a full disk) left that
+        // slot damaged, so the next sync must rewrite it, never the other one,
+        // which is then the only valid slot.
+        let mut b = [0u8; RECORDS_START as usize];
+        let (slot, newest) = match self.file.read_exact_at(&mut b, 0).map(|_| (decode_slot(&b[0..256]), decode_slot(&b[256..512]))) {
+            Ok((Ok(x), Ok(y))) if x.1 >= y.1 => (1, x.1),
+            Ok((Ok(_), Ok(y))) => (0, y.1),
+            Ok((Ok(x), Err(_))) => (1, x.1),
+            Ok((Err(_), Ok(y))) => (0, y.1),
+            _ => ((self.slot_seq + 1) % 2, self.slot_seq),
+        };
+        let seq = newest.max(self.slot_seq) + 1;
         let mut st = self.state;
         st.batches = 0;
-        self.file.write_all_at(&encode_slot(&self.id, self.slot_seq, &st, &self.last_batch_start), slot * SLOT_LEN)?;
+        self.file.write_all_at(&encode_slot(&self.id, seq, &st, &self.last_batch_start), slot * SLOT_LEN)?;
+        self.slot_seq = seq;
         Ok(())
     }
 }
@@ -1249,6 +1258,24 @@ mod tests {
         b[(durable.end_offset - WAL_EVENT_LEN as u64 - 30) as usize] ^= 1;
         std::fs::write(&p, &b).unwrap();
         assert!(matches!(LogWriter::open(&p, true), Err(LogError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_damaged_header_slot_is_rewritten_not_the_valid_one() {
+        let p = tmp("slots.log");
+        let mut w = sample(&p);
+        w.sync().unwrap();
+        // The slot just written is damaged, as a slot write that failed
+        // half-way (EIO, a full disk) leaves it.
+        let newest = w.slot_seq % 2;
+        let mut b = std::fs::read(&p).unwrap();
+        b[(newest * SLOT_LEN + 40) as usize] ^= 0xff;
+        std::fs::write(&p, &b).unwrap();
+        assert!(LogWriter::open(&p, false).unwrap().1.header_problem.is_some());
+        // The next sync repairs it instead of overwriting the only valid slot.
+        w.sync().unwrap();
+        let (_, rep) = LogWriter::open(&p, false).unwrap();
+        assert!(rep.header_problem.is_none(), "{:?}", rep.header_problem);
     }
 
     #[test]

@@ -1142,7 +1142,8 @@ impl DbState {
         if let Err(e) = self.record(&mut g, pre) {
             drop(locked);
             report(&format!("{}: capture failed before {what}, so it was refused: {e}", self.db_path));
-            return ffi::SQLITE_IOERR_WRITE;
+            // A full disk is SQLITE_FULL to the client, as SQLite's own writes say.
+            return if is_disk_full(&e) { ffi::SQLITE_FULL } else { ffi::SQLITE_IOERR_WRITE };
         }
         let rc = op();
         if rc == ffi::SQLITE_OK {
@@ -1291,6 +1292,14 @@ impl DbState {
             let _ = self.wake_tx.try_send(());
         }
     }
+}
+
+fn is_disk_full(e: &CaptureError) -> bool {
+    let io = match e {
+        CaptureError::Io(e) | CaptureError::Log(LogError::Io(e)) => e,
+        _ => return false,
+    };
+    matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 fn foreign_log_message(path: &std::path::Path, log_id: &[u8; 16], db_id: &[u8; 16]) -> String {

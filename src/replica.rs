@@ -984,9 +984,24 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     fn write_status(&mut self) {
         self.last_status_write = Instant::now();
         let v = status_value(&self.shared.status(), self.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let tmp = status_path(self.db()).with_extension("walcast-status-tmp");
-        if std::fs::write(&tmp, v.to_string()).is_ok() {
-            let _ = std::fs::rename(&tmp, status_path(self.db()));
+        let path = status_path(self.db());
+        let tmp = path.with_extension("walcast-status-tmp");
+        let text = v.to_string();
+        if std::fs::write(&tmp, &text).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+            return;
+        }
+        let _ = std::fs::remove_file(&tmp);
+        // A full disk has no room for a new file, and the status must still say
+        // why apply stopped: overwrite the old file in place (its blocks exist),
+        // padded with spaces, which JSON ignores, to the old length.
+        if let Ok(f) = File::options().write(true).open(&path) {
+            let old_len = f.metadata().map_or(0, |m| m.len() as usize);
+            let mut b = text.into_bytes();
+            if b.len() < old_len {
+                b.resize(old_len, b' ');
+            }
+            let _ = f.write_all_at(&b, 0);
         }
     }
 
