@@ -840,7 +840,17 @@ impl DbState {
             "role": g.role.as_str(),
             "database": self.db_path,
             "log": self.log_path.to_string_lossy(),
-            "state": if g.fatal.is_some() { "error" } else if g.role == Role::Primary { "capturing" } else { "off" },
+            "state": if g.fatal.is_some() {
+                "error"
+            } else if g.role == Role::Primary && g.last_error.is_some() {
+                // Capture failed and retries (a full disk, an I/O error): new
+                // transactions are not in the log yet.
+                "stalled"
+            } else if g.role == Role::Primary {
+                "capturing"
+            } else {
+                "off"
+            },
             "last_error": g.fatal.clone().or_else(|| g.last_error.clone()).or(pending),
         });
         if let Some(id) = conf.as_ref().and_then(|c| c.db_id) {

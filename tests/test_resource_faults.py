@@ -284,6 +284,7 @@ def test_primary_disk_full(cluster, small_disk, tmp_path, port):
         if acked_full <= ledger(replica):
             return ("replicated", st)
         if st["last_error"] and ENOSPC_TEXT in st["last_error"]:
+            assert st["state"] == "stalled", st
             return ("reported", st)
         return None
     how, st = wc.wait_for(replicated_or_reported, timeout=15,
@@ -407,6 +408,7 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
     def noticed():
         st = pn.status()
         if st["last_error"] and EIO_TEXT in st["last_error"]:
+            assert st["state"] in ("stalled", "error"), st
             return "status"
         if len(w.errors()) > n_err:
             return "client error"
