@@ -38,6 +38,7 @@ SECONDS`, `stats`, `quit`. Each answer is one JSON line.
 import argparse
 import json
 import random
+import select
 import socket
 import struct
 import sys
@@ -133,16 +134,16 @@ class _Pipe:
         buf = bytearray()
         held = None  # (message, held since)
         try:
-            src.settimeout(0.02)
+            # Sockets stay blocking: a slow reader holds up sendall (TCP's
+            # backpressure) instead of failing it. select() only lets the loop
+            # release a held-back message when nothing else arrives.
             handshake_done = False
             while not self.closed.is_set():
-                try:
+                if select.select([src], [], [], 0.02)[0]:
                     chunk = src.recv(1 << 20)
                     if not chunk:
                         break
                     buf += chunk
-                except socket.timeout:
-                    pass
                 if not handshake_done:
                     if len(buf) < HANDSHAKE:
                         continue
