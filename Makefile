@@ -5,7 +5,7 @@ EXT      := target/release/libwalcast.so
 PYTHON   := /usr/bin/python3
 CARGO    ?= cargo
 
-.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long test-resource-faults-long bench clean
+.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long test-resource-faults-long netfaults bench clean
 
 all: build
 
@@ -45,6 +45,16 @@ test-crash-long: test-deps build
 # runs it once, with the other resource-fault tests).
 test-resource-faults-long: test-deps build
 	WALCAST_RESFAULT_ROUNDS=20 $(PYTHON) -m pytest -q tests/test_resource_faults.py -k intermittent
+
+# Replication through a faulty network (tests/relay.py) for longer than `make
+# test` does: 5 minutes of 10% loss + 0.1% corruption (and dup, reorder, delay,
+# truncation) with a link cut every 45 s, then 5 cuts and 5 partitions of 7 s.
+# The test's WALCAST_NETFAULTS_* variables override these (see its docstring).
+netfaults: test-deps build
+	WALCAST_NETFAULTS_SECONDS=$(or $(WALCAST_NETFAULTS_SECONDS),300) \
+	WALCAST_NETFAULTS_CUT_EVERY=$(or $(WALCAST_NETFAULTS_CUT_EVERY),45) \
+	WALCAST_NETFAULTS_CUTS=$(or $(WALCAST_NETFAULTS_CUTS),5) \
+	$(PYTHON) -m pytest -q -s tests/test_network_faults.py
 
 # The benchmark harness at full scale (BENCH_SCALE=full; about 20 minutes on 2
 # cores): writes BENCHMARKS.md and BENCHMARKS-lag.png at the repository root.

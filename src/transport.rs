@@ -149,6 +149,15 @@ fn remove_stale_ipc(url: &str) {
     }
 }
 
+/// How long the REQ socket waits for a reply before NNG sends the request
+/// again. A lost request or reply costs this much, so it is short for what the
+/// primary answers at once (frames, snapshot pages: at most ~200 ms of indexing
+/// and a 1 MiB read); a slower answer only costs a duplicate request, whose
+/// reply NNG discards. Starting a snapshot can take the primary seconds, and
+/// each resend would build another, so that request waits longer.
+const RESEND: Duration = Duration::from_millis(500);
+const RESEND_SNAPSHOT: Duration = Duration::from_secs(2);
+
 /// A replica's two dialing sockets. Dials are asynchronous: NNG keeps
 /// reconnecting in the background while the primary is away.
 pub struct ReplicaSockets {
@@ -171,7 +180,7 @@ impl ReplicaSockets {
         request.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.catchup, e))?;
         let _ = request.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = request.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
-        let _ = request.set_opt::<ResendTime>(Some(Duration::from_secs(2)));
+        let _ = request.set_opt::<ResendTime>(Some(RESEND));
         let _ = request.set_opt::<SendTimeout>(Some(Duration::from_secs(2)));
         let _ = request.set_opt::<RecvTimeout>(Some(Duration::from_secs(5)));
         request.dial_async(&ep.catchup).map_err(|e| nng_err("cannot dial", &ep.catchup, e))?;
@@ -181,6 +190,9 @@ impl ReplicaSockets {
     /// One request and its reply, which must answer this very request when a
     /// key is set. NNG resends on a lost reply.
     pub fn call(&self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        // A snapshot is built before its reply goes out: ask again later.
+        let snapshot = msg.get(4) == Some(&crate::wire::KIND_REQ_SNAPSHOT);
+        let _ = self.request.set_opt::<ResendTime>(Some(if snapshot { RESEND_SNAPSHOT } else { RESEND }));
         let (m, nonce) = self.sealer.seal(Channel::Request, &[0; NONCE_LEN], msg);
         self.request.send(&m[..]).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
         let reply = self.request.recv().map_err(|e| format!("no catch-up reply: {e}"))?;
