@@ -62,6 +62,9 @@ pub struct Status {
     pub bootstraps: u64,
     pub catchups: u64,
     pub rejected: u64,
+    /// Why the last message was refused, and when: kept after the repair
+    /// clears `last_error`, so that a refusal is never silent.
+    pub last_rejection: Option<(String, Instant)>,
 }
 
 /// Shared between the SQL side (status, wait, endpoint changes) and the thread.
@@ -190,6 +193,8 @@ fn status_value(st: &Status, endpoint: Option<String>) -> serde_json::Value {
         "bootstraps": st.bootstraps,
         "catch_ups": st.catchups,
         "rejected_messages": st.rejected,
+        "last_rejection": st.last_rejection.as_ref().map(|(why, _)| why.clone()),
+        "ms_since_last_rejection": st.last_rejection.as_ref().map(|(_, t)| t.elapsed().as_millis() as u64),
         "applier_pid": std::process::id(),
         "applier_in_this_process": st.applier,
         "updated_unix_ms": now_ms(),
@@ -605,7 +610,11 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     }
 
     fn reject(&mut self, why: String) {
-        self.shared.status().rejected += 1;
+        {
+            let mut st = self.shared.status();
+            st.rejected += 1;
+            st.last_rejection = Some((why.clone(), Instant::now()));
+        }
         set_error(self.shared, "catching_up", why);
         self.abort_pending();
         self.need_catchup = true;
@@ -834,7 +843,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                         Outcome::Applied => {}
                         Outcome::Gap => return Err("catch-up reply does not continue the replica's position".into()),
                         Outcome::Rejected(why) => {
-                            self.shared.status().rejected += 1;
+                            let mut st = self.shared.status();
+                            st.rejected += 1;
+                            st.last_rejection = Some((why.clone(), Instant::now()));
+                            drop(st);
                             return Err(why);
                         }
                     }

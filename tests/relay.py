@@ -28,6 +28,7 @@ In a test:
     r.set_rates(drop=0.1, corrupt=0.001)          # both channels
     r.set_rates("pub", truncate=0.01)             # one channel
     r.cut(5)                                      # returns at once
+    Relay(..., tap=fn)   # fn(channel, direction, message) -> messages to relay instead
     r.counters()                                  # what it did
     r.close()
 
@@ -158,9 +159,10 @@ class _Pipe:
                         break
                     msg = bytes(buf[8:8 + n])
                     del buf[:8 + n]
-                    out, held = r._decide(self.channel, direction, rnd, msg, held)
-                    for m in out:
-                        dst.sendall(struct.pack(">Q", len(m)) + m)
+                    for tapped in (r.tap(self.channel, direction, msg) if r.tap else [msg]):
+                        out, held = r._decide(self.channel, direction, rnd, tapped, held)
+                        for m in out:
+                            dst.sendall(struct.pack(">Q", len(m)) + m)
                 if held is not None:
                     hold_s = r._rates[self.channel].reorder_hold_ms / 1000
                     if time.monotonic() - held[1] >= hold_s:
@@ -178,8 +180,11 @@ class Relay:
     target_port+1 (channel "catchup") on `host`, damaging messages at the rates
     set (all zero at first)."""
 
-    def __init__(self, listen_port, target_port, host="127.0.0.1", target_host=None, seed=0, **rates):
+    def __init__(self, listen_port, target_port, host="127.0.0.1", target_host=None, seed=0, tap=None, **rates):
         self.host, self.target_host = host, target_host or host
+        # tap(channel, direction, message) -> the messages to relay instead (an
+        # attacker in the middle: record, forge, replay); before any fault.
+        self.tap = tap
         self.ports = {"pub": (listen_port, target_port), "catchup": (listen_port + 1, target_port + 1)}
         self.seed = seed
         self._lock = threading.Lock()

@@ -108,3 +108,184 @@ def test_key_mismatch_applies_nothing_and_says_why(cluster, tmp_path, case):
     wc.shell(fix, db=r_db)
     cluster.converge(p_db, r_db)
     cluster.identical(p_db, r_db)
+
+
+# --- on the wire ----------------------------------------------------------------------
+
+def crc64_xz(data, _table=[]):
+    """CRC-64/XZ (the checksum of wire.rs and frame.rs), for forging messages."""
+    if not _table:
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0xC96C5795D7870F42 if c & 1 else c >> 1
+            _table.append(c)
+    c = 0xFFFFFFFFFFFFFFFF
+    for b in data:
+        c = _table[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFFFFFFFFFF
+
+
+def forged_frames_message(st, page_no, page):
+    """A FRAMES message an attacker without the key can build: the replica's next
+    frame, chained from its checksum (shown in its status), with a valid CRC."""
+    import struct
+    frame_no = st["applied_frame_no"] + 1
+    prev = int(st["checksum"], 16)
+    size_after = st.get("db_pages_hint", 0)
+    checksum = crc64_xz(struct.pack("<QQII", prev, frame_no, page_no, size_after) + page)
+    header = b"WCM1" + bytes([1, 0, 0, 0]) + bytes.fromhex(st["db_id"]) + struct.pack("<Q", st["generation"])
+    body = struct.pack("<QII", frame_no, len(page), 1) + struct.pack("<QIIQ", frame_no, page_no, size_after, checksum) + page
+    msg = header + body
+    return msg + struct.pack("<Q", crc64_xz(msg)), frame_no
+
+
+class Tap:
+    """Watches and rewrites what the relay carries (see Relay's tap)."""
+
+    def __init__(self):
+        import threading
+        self.lock = threading.Lock()
+        self.seen = []          # (channel, direction, message)
+        self.forge_live = None  # a message to send instead of the next live one; then drop the live stream
+        self.hold_live = False
+        self.replay_reply = None  # a recorded reply payload to answer every catch-up request with
+
+    def __call__(self, channel, direction, msg):
+        with self.lock:
+            self.seen.append((channel, direction, msg))
+            if channel == "pub" and direction == "down":
+                if self.forge_live is not None:
+                    m, self.forge_live, self.hold_live = self.forge_live, None, True
+                    return [m]
+                if self.hold_live:
+                    return []
+            if channel == "catchup" and direction == "down" and self.replay_reply is not None:
+                return [msg[:4] + self.replay_reply]  # NNG's request id, then the old reply
+            return [msg]
+
+
+def pair_through_relay(cluster, tmp, name, key, tap):
+    from relay import Relay
+    p_db, r_db = os.path.join(tmp, f"{name}-p.db"), os.path.join(tmp, f"{name}-r.db")
+    port, rport = wc.free_port_pair(), wc.free_port_pair()
+    if key:
+        keyed_primary(cluster, p_db, port)
+    else:
+        cluster.primary(p_db, port)
+    relay = Relay(listen_port=rport, target_port=port, tap=tap).start()
+    rn = keyed_replica(cluster, r_db, rport, key=key, name=f"{name}-replica")
+    return p_db, r_db, rn, relay
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["without_key", "with_key"])
+def test_on_the_wire(cluster, tmp_path, keyed):
+    tmp = str(tmp_path)
+    tap = Tap()
+    p_db, r_db, rn, relay = pair_through_relay(cluster, tmp, "w", KEY if keyed else None, tap)
+    try:
+        secret = b"WALCAST-SECRET-" * 40
+        wc.py(f"""
+import wc
+c = wc.connect({p_db!r})
+for i in range(20):
+    c.execute("INSERT INTO t(k, v) VALUES (?, ?)", (i, {secret!r}))
+""")
+        cluster.converge(p_db, r_db)
+        cluster.identical(p_db, r_db)
+        carried = b"".join(m for _, _, m in tap.seen)
+        assert len(carried) > 20 * len(secret), "the tap saw the traffic"
+        # Readable without a key (the threat), not with one.
+        assert (b"WALCAST-SECRET-" in carried) == (not keyed)
+
+        # A forged frame: the replica's next frame_no, chained from its last
+        # checksum, a valid CRC; its page is one of the replica's own pages with
+        # the secret text replaced.
+        st = rn.status()
+        with open(r_db, "rb") as f:
+            data = f.read()
+        page_size = st["page_size"]
+        page_no = next(i + 1 for i in range(len(data) // page_size) if b"WALCAST-SECRET-" in data[i * page_size:(i + 1) * page_size])
+        page = data[(page_no - 1) * page_size:page_no * page_size].replace(b"WALCAST-SECRET-", b"FORGED-BY-MITM!", 1)
+        st["db_pages_hint"] = len(data) // page_size
+        forged, frame_no = forged_frames_message(st, page_no, page)
+        rejected = st["rejected_messages"]
+        tap.forge_live = forged
+        forged_rows = "SELECT count(*) FROM t WHERE instr(v, 'FORGED-BY-MITM!') > 0;"
+        if not keyed:
+            # Applied: nothing but the key tells a forged frame from a real one.
+            wc.wait_for(lambda: rn.status()["applied_frame_no"] == frame_no, timeout=10,
+                        what=f"the forged frame applied without a key\n{cluster.diag(r_db)}")
+            assert wc.shell(forged_rows, load=False, db=r_db).stdout.strip() == "1"
+        else:
+            s2 = wc.wait_for(lambda: (s := rn.status())["rejected_messages"] > rejected and s, timeout=10,
+                             what=f"the forged frame refused\n{cluster.diag(r_db)}")
+            assert "unauthenticated" in (s2["last_rejection"] or ""), s2
+            assert s2["applied_frame_no"] == st["applied_frame_no"], s2
+            assert wc.shell(forged_rows, load=False, db=r_db).stdout.strip() == "0"
+
+            # A recorded catch-up reply (from the bootstrap) replayed as the
+            # answer to every later request: refused as not answering it.
+            old = next(m for ch, d, m in tap.seen if ch == "catchup" and d == "down")
+            commit_many(p_db, 2)  # held back from the live stream: the replica must ask
+            with tap.lock:
+                tap.replay_reply = old[4:]
+                tap.forge_live = forged  # refused again, which sends the replica asking
+            s3 = wc.wait_for(lambda: (s := rn.status())["state"] == "error"
+                             and "failed authentication" in (s["last_error"] or "") and s, timeout=20,
+                             what=f"the replayed reply refused\n{cluster.diag(r_db)}")
+            assert "replayed" in s3["last_error"] and s3["applied_frame_no"] == st["applied_frame_no"], s3
+        # The attack ends; the replica converges on the primary's history.
+        with tap.lock:
+            tap.forge_live, tap.hold_live, tap.replay_reply = None, False, None
+        commit_many(p_db, 3)
+        cluster.converge(p_db, r_db)
+        cluster.identical(p_db, r_db)
+        assert wc.shell(forged_rows, load=False, db=r_db).stdout.strip() == "0"
+    finally:
+        relay.close()
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def test_oversized_messages_are_dropped_before_they_are_allocated(cluster, tmp_path):
+    """A peer that sends 64 MiB messages (the limit is 4 MiB + the envelope) on
+    both sockets: NNG drops each connection before allocating the message, the
+    replica's peak memory does not grow by the message size, and it converges."""
+    tmp = str(tmp_path)
+    big = bytes(64 << 20)
+
+    class Flood:
+        armed = 0
+        lock = __import__("threading").Lock()
+
+        def __call__(self, channel, direction, msg):
+            with self.lock:
+                if direction == "down" and self.armed > 0:
+                    self.armed -= 1
+                    return [msg[:4] + big if channel == "catchup" else big]
+            return [msg]
+
+    flood = Flood()
+    p_db, r_db, rn, relay = pair_through_relay(cluster, tmp, "o", None, flood)
+    try:
+        commit_many(p_db, 10)
+        cluster.converge(p_db, r_db)
+        before = peak_rss_mb(rn.p.pid)
+        connections = relay.counters()["events"]["connections"]
+        with flood.lock:
+            flood.armed = 6
+        commit_many(p_db, 10)  # live messages to replace, and catch-up replies once they are lost
+        wc.wait_for(lambda: flood.armed == 0 or commit_many(p_db, 1), timeout=60, what="six oversized messages sent")
+        commit_many(p_db, 3)
+        cluster.converge(p_db, r_db)
+        cluster.identical(p_db, r_db)
+        grew = peak_rss_mb(rn.p.pid) - before
+        print(f"replica peak RSS grew by {grew:.1f} MB after six 64 MiB messages; relay: {relay.counters()}")
+        assert grew < 32, f"the replica's peak RSS grew by {grew:.1f} MB"
+        assert relay.counters()["events"]["connections"] > connections, "the oversized messages ended connections"
+    finally:
+        relay.close()
