@@ -119,7 +119,7 @@ class Writer:
             while not self._stop.is_set():
                 s = self.seed * 1000 + i
                 finish(invariant_writer(self.primary, self.batch, seed=s))
-                if self.randomized and i % 4 == 3:
+                if self.randomized and i % 2 == 1:
                     run_workload(self.primary, "--seed", str(s), "--ops", "30")
                     commit_many(self.primary, 30, stmt="UPDATE t SET v = randomblob(700) WHERE id = "
                                                       "(SELECT id FROM t ORDER BY random() LIMIT 1)")
