@@ -32,6 +32,7 @@ import pytest
 
 import wc
 from relay import Relay, parse_faults
+from test_keys import KEY
 from test_replica import (INVARIANT_SETUP, T_SCHEMA, PlainReader, cluster, commit_many, finish,  # noqa: F401
                           invariant_writer, run_workload, tcp)
 
@@ -345,18 +346,24 @@ def test_link_cuts_show_disconnected_and_converge(cluster, relays_closed, tmp_pa
 
 # --- a snapshot through damage ------------------------------------------------------
 
-def test_snapshot_through_damaged_replies_completes_once(cluster, relays_closed, tmp_path):
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+def test_snapshot_through_damaged_replies_completes_once(cluster, relays_closed, tmp_path, keyed):
     """A new replica bootstraps a 40 MB database while 5% of its catch-up
     messages (requests and replies) are damaged: each damaged one is asked for
-    again, so the snapshot completes in one go. (When a damaged message
+    again, so the snapshot completes in one go. With a shared key a damaged
+    message fails authentication instead of its CRC, and is asked for again
+    the same way. (When a damaged message
     abandoned the snapshot, an attempt over these ~44 round trips succeeded
     with probability 0.95^88, about 1%, and the next restarted from page 1.)"""
     tmp = str(tmp_path)
     port = wc.free_port_pair()
     primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
-    cluster.primary(primary, port)
+    key = f"PRAGMA walcast_key = '{KEY}';" if keyed else ""
+    cluster.primary(primary, port, setup=key + T_SCHEMA)
     commit_many(primary, 40, stmt="INSERT INTO t(k, v) VALUES (1, randomblob(1000000))")
     n = wc.frame_no(primary)
+    if keyed:
+        wc.shell(key, db=replica)
     relay, node = through_relay(cluster, port, "replica", replica)
     relay.set_rates("catchup", corrupt=0.04, truncate=0.01)
     assert node.rows(f"SELECT walcast_wait({n}, 120000)", timeout=180) == [[1]], cluster.diag(replica)
