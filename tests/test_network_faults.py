@@ -32,6 +32,7 @@ import pytest
 
 import wc
 from relay import Relay, parse_faults
+from test_keys import KEY
 from test_replica import (INVARIANT_SETUP, T_SCHEMA, PlainReader, cluster, commit_many, finish,  # noqa: F401
                           invariant_writer, run_workload, tcp)
 
@@ -119,7 +120,7 @@ class Writer:
             while not self._stop.is_set():
                 s = self.seed * 1000 + i
                 finish(invariant_writer(self.primary, self.batch, seed=s))
-                if self.randomized and i % 4 == 3:
+                if self.randomized and i % 2 == 1:
                     run_workload(self.primary, "--seed", str(s), "--ops", "30")
                     commit_many(self.primary, 30, stmt="UPDATE t SET v = randomblob(700) WHERE id = "
                                                       "(SELECT id FROM t ORDER BY random() LIMIT 1)")
@@ -251,7 +252,7 @@ def test_loss_and_corruption_never_apply_a_bad_frame(cluster, relays_closed, tmp
         with open(nodes[k].stderr_path, errors="replace") as f:
             damage_logged = sum(1 for line in f if any(w in line for w in DAMAGE_WORDS))
         print(f"[{k}] rejected_messages {st['rejected_messages']}, catch_ups {st['catch_ups']}, "
-              f"{damage_logged} damage errors in stderr")
+              f"last_rejection {st.get('last_rejection')!r}, {damage_logged} damage errors in stderr")
     for k in relays:  # every figure is printed before any assertion
         c = relays[k].counters()
         samples = monitors[k].between(t0, t_faults_end)
@@ -271,12 +272,9 @@ def test_loss_and_corruption_never_apply_a_bad_frame(cluster, relays_closed, tmp
         if k == "heavy":  # the issue's faults are mostly losses, which are not errors
             assert st["rejected_messages"] > before[k]["rejected_messages"], (before[k], st)
             # last_error lasts only until the catch-up that repairs the damage
-            # succeeds (milliseconds here), so the samples may miss it; every
-            # new last_error is also written to stderr.
-            with open(nodes[k].stderr_path, errors="replace") as f:
-                logged = [line for line in f if "discarded a message" in line]
-            assert any(any(w in line for w in DAMAGE_WORDS) for line in logged), \
-                f"[{k}] no last_error named the damaged messages: {logged[:5]}\n{nodes[k].stderr()}"
+            # succeeds (milliseconds here); last_rejection stays.
+            assert any(w in (st.get("last_rejection") or "") for w in DAMAGE_WORDS), \
+                f"[{k}] the status does not name the damaged messages: {st}"
         assert not lying_samples(monitors[k].samples), lying_samples(monitors[k].samples)[:3]
         # Converged: streaming, nothing behind, and the error cleared.
         assert st["state"] == "streaming" and st["lag_frames"] == 0, st
@@ -341,3 +339,41 @@ def test_link_cuts_show_disconnected_and_converge(cluster, relays_closed, tmp_pa
     assert not lying_samples(mon.samples), lying_samples(mon.samples)[:3]
     assert c["events"]["cuts"] == CUTS and c["events"]["partitions"] == CUTS, c
     assert c["total"]["partitioned"] > 0, c
+
+
+# --- a snapshot through damage ------------------------------------------------------
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+def test_snapshot_through_damaged_replies_completes_once(cluster, relays_closed, tmp_path, keyed):
+    """A new replica bootstraps a 40 MB database while 5% of its catch-up
+    messages (requests and replies) are damaged: each damaged one is asked for
+    again, so the snapshot completes in one go. With a shared key a damaged
+    message fails authentication instead of its CRC, and is asked for again
+    the same way. (When a damaged message
+    abandoned the snapshot, an attempt over these ~44 round trips succeeded
+    with probability 0.95^88, about 1%, and the next restarted from page 1.)"""
+    tmp = str(tmp_path)
+    port = wc.free_port_pair()
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    key = f"PRAGMA walcast_key = '{KEY}';" if keyed else ""
+    cluster.primary(primary, port, setup=key + T_SCHEMA)
+    commit_many(primary, 40, stmt="INSERT INTO t(k, v) VALUES (1, randomblob(1000000))")
+    n = wc.frame_no(primary)
+    if keyed:
+        wc.shell(key, db=replica)
+    relay, node = through_relay(cluster, port, "replica", replica)
+    relay.set_rates("catchup", corrupt=0.04, truncate=0.01)
+    assert node.rows(f"SELECT walcast_wait({n}, 120000)", timeout=180) == [[1]], cluster.diag(replica)
+    st = node.status()
+    c = relay.counters()
+    damaged = c["catchup/down"]["corrupted"] + c["catchup/down"]["truncated"]
+    with open(node.stderr_path, errors="replace") as f:
+        log = f.read()
+    print(f"relay: {json.dumps(show(c))}; status: {json.dumps(st)}")
+    assert damaged + c["catchup/up"]["corrupted"] + c["catchup/up"]["truncated"] > 0, c
+    assert log.count("bootstrapping from a snapshot") == 1 and st["bootstraps"] == 1, f"{st}\n{log[-3000:]}"
+    assert "asking again" in log, log[-3000:]
+    relay.clear()
+    commit_many(primary, 10)
+    cluster.converge(primary, replica)
+    cluster.identical(primary, replica)
