@@ -379,7 +379,6 @@ struct Session<'a, F: ReplicaFiles> {
     last_conf_check: Instant,
     last_checkpoint: Instant,
     last_status_write: Instant,
-    faults: Faults,
 }
 
 impl<'a, F: ReplicaFiles> Session<'a, F> {
@@ -402,7 +401,6 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             last_conf_check: Instant::now(),
             last_checkpoint: Instant::now(),
             last_status_write: Instant::now() - Duration::from_secs(1),
-            faults: Faults::from_env(),
         }
     }
 
@@ -474,19 +472,14 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 self.write_status();
             }
             match socks.subscribe.recv() {
-                Ok(msg) if self.faults.off() => self.receive(&socks, msg.as_slice()),
-                Ok(msg) => {
-                    for m in self.faults.filter(msg.as_slice().to_vec()) {
-                        self.receive(&socks, &m);
-                    }
-                }
+                Ok(msg) => self.receive(&socks, msg.as_slice()),
                 Err(nng::Error::TimedOut) => {}
                 Err(e) => {
                     set_error(self.shared, "disconnected", format!("receive failed: {e}"));
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-            self.housekeeping();
+            self.housekeeping(socks.connected.load(Ordering::Acquire) == 0);
         }
         self.shutdown();
     }
@@ -785,8 +778,16 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     }
 
     fn call(&self, socks: &ReplicaSockets, req: &[u8]) -> Result<Vec<u8>, String> {
-        let m = socks.call(req)?;
-        self.shared.status().last_message = Some(Instant::now());
+        let r = socks.call(req);
+        let (damaged, why) = socks.take_damaged();
+        let mut st = self.shared.status();
+        if damaged > 0 {
+            // Asked for again and repaired, but never silent.
+            st.rejected += damaged;
+            st.last_rejection = why.map(|w| (format!("catch-up: {w}"), Instant::now()));
+        }
+        let m = r?;
+        st.last_message = Some(Instant::now());
         Ok(m)
     }
 
@@ -957,7 +958,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.hold_database_open()
     }
 
-    fn housekeeping(&mut self) {
+    fn housekeeping(&mut self, link_down: bool) {
         // Another process may have asked for a rebootstrap, promoted the
         // replica or changed its role.
         if self.last_conf_check.elapsed() >= Duration::from_millis(250) {
@@ -986,6 +987,12 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             if st.last_message.is_some_and(|t| t.elapsed() > SILENCE) && st.state == "streaming" {
                 st.state = "disconnected";
                 st.last_error = Some(format!("no message from the primary for {} s", SILENCE.as_secs()));
+            }
+            // NNG closed the connection (a cut, the primary gone): say so now,
+            // not after SILENCE.
+            if link_down && st.state == "streaming" {
+                st.state = "disconnected";
+                st.last_error = Some("the connection to the primary is down (reconnecting)".into());
             }
         }
         if self.last_status_write.elapsed() > Duration::from_millis(200) {
@@ -1028,78 +1035,6 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         }
         self.write_status();
         self.state("disconnected");
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Test-only fault injection on received live messages, enabled by the
-// environment variable WALCAST_TEST_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01".
-
-struct Faults {
-    drop: f64,
-    dup: f64,
-    reorder: f64,
-    corrupt: f64,
-    rng: u64,
-    held: Option<Vec<u8>>,
-}
-
-impl Faults {
-    fn from_env() -> Faults {
-        let mut f = Faults { drop: 0.0, dup: 0.0, reorder: 0.0, corrupt: 0.0, rng: now_ms() | 1, held: None };
-        if let Ok(spec) = std::env::var("WALCAST_TEST_FAULTS") {
-            for kv in spec.split(',') {
-                if let Some((k, v)) = kv.split_once('=') {
-                    let v: f64 = v.trim().parse().unwrap_or(0.0);
-                    match k.trim() {
-                        "drop" => f.drop = v,
-                        "dup" => f.dup = v,
-                        "reorder" => f.reorder = v,
-                        "corrupt" => f.corrupt = v,
-                        _ => {}
-                    }
-                }
-            }
-        }
-        f
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        if p <= 0.0 {
-            return false;
-        }
-        // xorshift64
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-
-    fn off(&self) -> bool {
-        self.drop == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.corrupt == 0.0
-    }
-
-    fn filter(&mut self, mut m: Vec<u8>) -> Vec<Vec<u8>> {
-        if self.chance(self.drop) {
-            return vec![];
-        }
-        if self.chance(self.corrupt) && !m.is_empty() {
-            let i = (self.rng as usize) % m.len();
-            m[i] ^= 1 << (self.rng % 8);
-        }
-        let mut out = vec![];
-        if self.chance(self.reorder) && self.held.is_none() {
-            self.held = Some(m);
-            return out;
-        }
-        if self.chance(self.dup) {
-            out.push(m.clone());
-        }
-        out.push(m);
-        if let Some(h) = self.held.take() {
-            out.push(h);
-        }
-        out
     }
 }
 

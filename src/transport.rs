@@ -164,12 +164,29 @@ pub struct ReplicaSockets {
     pub subscribe: Socket,
     pub request: Socket,
     pub sealer: Sealer,
+    /// Connections of the SUB socket to the primary now: 0 as soon as a link
+    /// is cut, before any silence is noticed.
+    pub connected: Arc<AtomicI64>,
+    /// Catch-up replies that were damaged (or did not open) and were asked
+    /// for again, and the last reason, for the replica's status.
+    damaged: std::sync::Mutex<(u64, Option<String>)>,
 }
 
 impl ReplicaSockets {
     pub fn dial(ep: &Endpoint, sealer: Sealer) -> Result<ReplicaSockets, String> {
         let subscribe = Socket::new(Protocol::Sub0).map_err(|e| nng_err("cannot create a SUB socket for", &ep.url, e))?;
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
+        let connected = Arc::new(AtomicI64::new(0));
+        let count = connected.clone();
+        let _ = subscribe.pipe_notify(move |_, ev| match ev {
+            nng::PipeEvent::AddPost => {
+                count.fetch_add(1, Ordering::AcqRel);
+            }
+            nng::PipeEvent::RemovePost => {
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
+        });
         subscribe.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
         // At most this many ~1 MiB messages wait in the replica's queue.
         let _ = subscribe.set_opt::<RecvBufferSize>(4);
@@ -184,7 +201,7 @@ impl ReplicaSockets {
         let _ = request.set_opt::<SendTimeout>(Some(Duration::from_secs(2)));
         let _ = request.set_opt::<RecvTimeout>(Some(Duration::from_secs(5)));
         request.dial_async(&ep.catchup).map_err(|e| nng_err("cannot dial", &ep.catchup, e))?;
-        Ok(ReplicaSockets { subscribe, request, sealer })
+        Ok(ReplicaSockets { subscribe, request, sealer, connected, damaged: Default::default() })
     }
 
     /// One request and its reply, which must answer this very request when a
@@ -211,11 +228,20 @@ impl ReplicaSockets {
             match why {
                 Some(why) if retries < DAMAGE_RETRIES => {
                     retries += 1;
+                    let mut d = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+                    d.0 += 1;
+                    d.1 = Some(why.clone());
+                    drop(d);
                     crate::primary::report(&format!("catch-up: {why}; asking again"));
                 }
                 _ => return opened,
             }
         }
+    }
+
+    /// Catch-up replies asked for again since the last call, and the last reason.
+    pub fn take_damaged(&self) -> (u64, Option<String>) {
+        std::mem::take(&mut *self.damaged.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A message of the live stream, opened (authenticated and decrypted when

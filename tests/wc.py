@@ -182,7 +182,6 @@ class LineProcess:
         self.name = name
         e = dict(os.environ)
         e["PYTHONPATH"] = HERE
-        e.pop("WALCAST_TEST_FAULTS", None)
         e.update(env or {})
         self.stderr_path = os.path.join(logdir, f"{name}-{time.monotonic_ns()}.stderr")
         self._err = open(self.stderr_path, "w")
