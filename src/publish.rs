@@ -400,14 +400,14 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
     };
     let mut snapshots: VecDeque<Snapshot> = VecDeque::new();
     let mut next_snapshot_id = crate::log::now_ms();
-    let mut indexed = false;
     while !stop.load(Ordering::Acquire) {
         let msg = match sock.recv() {
             Ok(m) => m,
             Err(nng::Error::TimedOut) => {
-                if !indexed {
-                    indexed = index.refresh(INDEX_STEP).unwrap_or(false);
-                }
+                // Keep following the log while idle, not only until it was first
+                // indexed: a request after a burst of hundreds of MB must not
+                // wait for all of it (a step is cheap when nothing is new).
+                let _ = index.refresh(INDEX_STEP);
                 continue;
             }
             Err(nng::Error::Closed) => return,
@@ -423,7 +423,6 @@ fn serve_catchup(name: &str, sock: &nng::Socket, path: &std::path::Path, stop: &
                 other => break other,
             }
         };
-        indexed = matches!(refreshed, Ok(true));
         let reply = match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
             Ok(false) => wire::error(
