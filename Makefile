@@ -5,7 +5,7 @@ EXT      := target/release/libwalcast.so
 PYTHON   := /usr/bin/python3
 CARGO    ?= cargo
 
-.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long test-resource-faults-long netfaults bench clean
+.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long test-resource-faults-long netfaults torture bench clean
 
 all: build
 
@@ -55,6 +55,15 @@ netfaults: test-deps build
 	WALCAST_NETFAULTS_CUT_EVERY=$(or $(WALCAST_NETFAULTS_CUT_EVERY),45) \
 	WALCAST_NETFAULTS_CUTS=$(or $(WALCAST_NETFAULTS_CUTS),5) \
 	$(PYTHON) -m pytest -q -s tests/test_network_faults.py
+
+# Crash torture at full size (tests/test_torture.py): 200 kill -9 of the
+# primary's writer (also its publisher) and 200 of the replica's applier, with
+# readers checking invariants throughout; `make test` runs 4 of each. Figures go
+# to torture-report.jsonl, a failing run's files to torture-failures/.
+TORTURE_ITERATIONS ?= 200
+torture: test-deps build
+	WALCAST_TORTURE_ITERATIONS=$(TORTURE_ITERATIONS) WALCAST_TORTURE_REPORT=torture-report.jsonl \
+		$(PYTHON) -m pytest -q -s tests/test_torture.py
 
 # The benchmark harness at full scale (BENCH_SCALE=full; about 20 minutes on 2
 # cores): writes BENCHMARKS.md and BENCHMARKS-lag.png at the repository root.

@@ -470,7 +470,6 @@ pub struct CatchupServer {
     index: Index,
     snapshots: VecDeque<Snapshot>,
     next_snapshot_id: u64,
-    indexed: bool,
 }
 
 impl CatchupServer {
@@ -479,15 +478,14 @@ impl CatchupServer {
             index: Index::open(log_path)?,
             snapshots: VecDeque::new(),
             next_snapshot_id: crate::log::now_ms(),
-            indexed: false,
         })
     }
 
-    /// Indexes a step of a long log while no request waits.
+    /// Indexes a step of the log while no request waits: not only until it
+    /// was first indexed, so that a request after a burst of hundreds of MB
+    /// does not wait for all of it (a step is cheap when nothing is new).
     pub fn idle(&mut self) {
-        if !self.indexed {
-            self.indexed = self.index.refresh(INDEX_STEP).unwrap_or(false);
-        }
+        let _ = self.index.refresh(INDEX_STEP);
     }
 
     /// The reply to one request.
@@ -503,7 +501,6 @@ impl CatchupServer {
                 other => break other,
             }
         };
-        self.indexed = matches!(refreshed, Ok(true));
         match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
             Ok(false) => wire::error(

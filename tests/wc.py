@@ -43,11 +43,12 @@ def shell(script, load=True, db=None, check=True, cwd=None, timeout=300):
     `.load` then `.open db` (the order the README's quick start gives)."""
     # Like any real client, wait for a lock rather than fail at once: walcast's
     # own background work (a base image) holds the write lock briefly.
+    # .open starts a new connection without the earlier .timeout: set it again.
     lines = [".timeout 10000"]
     if load:
         lines.append(f".load {EXT}")
     if db is not None:
-        lines.append(f".open {db}")
+        lines += [f".open {db}", ".timeout 10000"]
     lines.append(script)
     p = subprocess.run([SQLITE3, "-batch", "-bail"], input="\n".join(lines) + "\n", capture_output=True,
                        text=True, cwd=cwd, timeout=timeout)

@@ -2,7 +2,7 @@
 
   workload.py DB --seed S --ops N [--role] [--page-size P] [--conns K]
               [--snapshots DIR] [--commit-log FILE] [--sync normal|full]
-              [--no-checkpoints] [--no-vacuum]
+              [--no-checkpoints] [--no-vacuum] [--invariants]
 
 Inserts, updates and deletes of random sizes, rolled-back transactions,
 savepoints, big transactions that spill pages into the WAL before commit and
@@ -12,6 +12,13 @@ changes, across several connections. Every committed transaction adds a row to
 so a test can check that no committed transaction was lost. With --snapshots, at
 random points the database is checkpointed into its file and copied to
 DIR/snap-<frame_no>.db (frame_no from walcast_frame_no()).
+
+With --invariants (the database must already have test_replica.py's
+INVARIANT_SETUP tables: acct, a, b), every committed transaction also moves an
+amount between two accounts, debited right after BEGIN and credited at the end,
+and inserts that amount into `a` at the start and into `b` at the end. A reader
+that ever sees a part of a transaction (count(a) != count(b), or a different
+sum of balances) has seen it torn.
 """
 import argparse
 import os
@@ -37,6 +44,7 @@ def main():
     ap.add_argument("--no-checkpoints", action="store_true")
     ap.add_argument("--no-vacuum", action="store_true")
     ap.add_argument("--plain", action="store_true", help="do not load walcast")
+    ap.add_argument("--invariants", action="store_true", help="every commit also keeps acct, a and b invariant")
     a = ap.parse_args()
     rnd = random.Random(a.seed)
 
@@ -66,9 +74,23 @@ def main():
     def blob():
         return rnd.randbytes(rnd.choice([8, 100, 700, 3000, 9000, 30000]))
 
+    pending = {}  # connection -> (credited account, amount) of its open transaction
+
+    def begin(c):
+        c.execute("BEGIN IMMEDIATE")
+        if a.invariants:
+            x, y, amt = rnd.randint(1, 100), rnd.randint(1, 100), rnd.randint(1, 50)
+            c.execute("UPDATE acct SET bal = bal - ? WHERE id = ?", (amt, x))
+            c.execute("INSERT INTO a(v, pad) VALUES (?, randomblob(?))", (amt, rnd.choice([10, 400, 3000, 9000])))
+            pending[c] = (y, amt)
+
     def ledger(c):
         next_n[0] += 1
         c.execute("INSERT INTO ledger(n, who) VALUES (?, ?)", (next_n[0], who))
+        if a.invariants:
+            y, amt = pending.pop(c)
+            c.execute("UPDATE acct SET bal = bal + ? WHERE id = ?", (amt, y))
+            c.execute("INSERT INTO b(v, pad) VALUES (?, randomblob(?))", (amt, rnd.choice([10, 400, 3000])))
         return next_n[0]
 
     def committed(n):
@@ -79,7 +101,7 @@ def main():
         return c.execute("SELECT coalesce(max(id), 0) FROM t").fetchone()[0]
 
     def op_insert(c):
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         for _ in range(rnd.randint(1, 20)):
             c.execute("INSERT INTO t(k, v) VALUES (?, ?)", (rnd.randint(0, 1000), blob()))
         n = ledger(c)
@@ -87,7 +109,7 @@ def main():
         committed(n)
 
     def op_update(c):
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         m = max_id(c)
         for _ in range(rnd.randint(1, 10)):
             c.execute("UPDATE t SET v = ?, k = k + 1 WHERE id = ?", (blob(), rnd.randint(1, m + 1)))
@@ -96,7 +118,7 @@ def main():
         committed(n)
 
     def op_delete(c):
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         m = max_id(c)
         lo = rnd.randint(1, m + 1)
         c.execute("DELETE FROM t WHERE id BETWEEN ? AND ?", (lo, lo + rnd.randint(0, 40)))
@@ -105,14 +127,14 @@ def main():
         committed(n)
 
     def op_rollback(c):
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         for _ in range(rnd.randint(1, 30)):
             c.execute("INSERT INTO t(k, v) VALUES (?, ?)", (-1, blob()))
         c.execute("UPDATE t SET k = -2 WHERE id % 7 = 0")
         c.execute("ROLLBACK")
 
     def op_savepoint(c):
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         c.execute("SAVEPOINT a")
         c.execute("INSERT INTO t(k, v) VALUES (?, ?)", (-3, blob()))
         c.execute("SAVEPOINT b")
@@ -132,7 +154,7 @@ def main():
         # commit, then rewrite some of them in place: each page must appear once
         # in the log's transaction, with its final content.
         c.execute("PRAGMA cache_size=4")
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         start = max_id(c)
         for _ in range(rnd.randint(100, 600)):
             c.execute("INSERT INTO t(k, v) VALUES (?, ?)", (rnd.randint(0, 1000), rnd.randbytes(rnd.choice([500, 3000, 6000]))))
@@ -148,7 +170,7 @@ def main():
 
     def op_big_rollback(c):
         c.execute("PRAGMA cache_size=4")
-        c.execute("BEGIN IMMEDIATE")
+        begin(c)
         for _ in range(rnd.randint(100, 400)):
             c.execute("INSERT INTO t(k, v) VALUES (?, ?)", (-9, rnd.randbytes(3000)))
         c.execute("ROLLBACK")
