@@ -328,46 +328,114 @@ impl Batch {
 
 /// A sparse index of the log's units, so that a frame is found without reading
 /// the whole log: one entry per `INDEX_STRIDE` bytes and per generation.
+///
+/// A restarted primary may have gigabytes of log. The index starts at the
+/// durable point its header records, so that the newest part (what replicas
+/// that were following need) is answered at once, and indexes the older part
+/// from the first record in steps afterwards.
 struct Index {
     tail: LogTail,
-    /// (first frame_no of the unit at this position, position before that unit)
+    /// Entries from where `tail` started: (first frame_no of the unit at this
+    /// position, position before that unit).
     entries: Vec<(u64, Pos)>,
     /// Position before the current generation's base image.
     gen_start: Option<Pos>,
     last_entry_offset: u64,
+    /// The part of the log before where `tail` started, until it is indexed.
+    older: Option<OlderPart>,
     /// The unit the last lookup found: a replica catching up inside a big
     /// transaction asks for it again and again.
     recent: Mutex<Option<Unit>>,
 }
 
+struct OlderPart {
+    reader: LogTail,
+    /// Where the newer part starts.
+    until: Pos,
+    entries: Vec<(u64, Pos)>,
+    gen_start: Option<Pos>,
+    last_entry_offset: u64,
+}
+
+/// Indexes the units `t` reads, up to `until` bytes or the end, reading at most
+/// about `budget` bytes; true once it has reached either.
+fn index_units(
+    t: &mut LogTail,
+    until: u64,
+    budget: u64,
+    entries: &mut Vec<(u64, Pos)>,
+    gen_start: &mut Option<Pos>,
+    last_entry_offset: &mut u64,
+) -> io::Result<bool> {
+    let start = t.pos.offset;
+    loop {
+        if t.pos.offset >= until {
+            return Ok(true);
+        }
+        if t.pos.offset - start >= budget {
+            return Ok(false);
+        }
+        let before = t.pos;
+        let Some(u) = t.next_unit()? else { return Ok(true) };
+        // `before` may sit on WAL event records: position the entry at them
+        // (next_unit skips them again).
+        if u.gen_start {
+            *gen_start = Some(before);
+        }
+        if u.gen_start || entries.is_empty() || u.frames_offset - *last_entry_offset >= INDEX_STRIDE {
+            entries.push((u.first_frame_no, before));
+            *last_entry_offset = u.frames_offset;
+        }
+    }
+}
+
 impl Index {
     fn open(path: &std::path::Path) -> io::Result<Index> {
-        Ok(Index { tail: LogTail::open(path, true)?, entries: Vec::new(), gen_start: None, last_entry_offset: 0, recent: Mutex::new(None) })
+        let tail = LogTail::open(path, false)?;
+        let first = LogTail::open(path, true)?;
+        let older = (first.pos.offset < tail.pos.offset).then(|| OlderPart {
+            reader: first,
+            until: tail.pos,
+            entries: Vec::new(),
+            gen_start: None,
+            last_entry_offset: 0,
+        });
+        Ok(Index { tail, entries: Vec::new(), gen_start: None, last_entry_offset: 0, older, recent: Mutex::new(None) })
     }
 
-    /// Indexes units appended since the last call, reading at most about
-    /// `budget` bytes of log; true once it has reached the end. A primary that
-    /// restarts with a long log indexes it in steps, between requests and while
-    /// idle, so that the server keeps answering meanwhile.
+    /// Indexes units appended since the last call, then the older part of the
+    /// log, reading at most about `budget` bytes; true once the newest part is
+    /// indexed to the end (requests can be answered). A primary that restarts
+    /// with a long log indexes it in steps, between requests and while idle,
+    /// so that the server keeps answering meanwhile.
     fn refresh(&mut self, budget: u64) -> io::Result<bool> {
         self.tail.forget_window();
         let start = self.tail.pos.offset;
-        loop {
-            if self.tail.pos.offset - start >= budget {
-                return Ok(false);
-            }
-            let before = self.tail.pos;
-            let Some(u) = self.tail.next_unit()? else { return Ok(true) };
-            // `before` may sit on WAL event records: position the entry at them
-            // (next_unit skips them again).
-            if u.gen_start {
-                self.gen_start = Some(before);
-            }
-            if u.gen_start || self.entries.is_empty() || u.frames_offset - self.last_entry_offset >= INDEX_STRIDE {
-                self.entries.push((u.first_frame_no, before));
-                self.last_entry_offset = u.frames_offset;
+        if !index_units(&mut self.tail, u64::MAX, budget, &mut self.entries, &mut self.gen_start, &mut self.last_entry_offset)? {
+            return Ok(false);
+        }
+        let left = budget.saturating_sub(self.tail.pos.offset - start);
+        if let Some(o) = self.older.as_mut() {
+            if index_units(&mut o.reader, o.until.offset, left, &mut o.entries, &mut o.gen_start, &mut o.last_entry_offset)? {
+                let mut o = self.older.take().unwrap();
+                o.entries.append(&mut self.entries);
+                self.entries = o.entries;
+                self.gen_start = self.gen_start.or(o.gen_start);
             }
         }
+        Ok(true)
+    }
+
+    /// Why `frame_no` cannot be looked up yet: it lies in the older part of
+    /// the log, which is still being indexed.
+    fn not_yet(&self, frame_no: u64) -> Option<String> {
+        let o = self.older.as_ref()?;
+        (frame_no <= o.until.last_frame_no).then(|| {
+            format!(
+                "the primary is still indexing the older part of its log (at byte {} of {}); try again",
+                o.reader.pos.offset, o.until.offset
+            )
+        })
     }
 
     fn last(&self) -> Pos {
@@ -474,11 +542,7 @@ pub struct CatchupServer {
 
 impl CatchupServer {
     pub fn open(log_path: &std::path::Path) -> io::Result<CatchupServer> {
-        Ok(CatchupServer {
-            index: Index::open(log_path)?,
-            snapshots: VecDeque::new(),
-            next_snapshot_id: crate::log::now_ms(),
-        })
+        Ok(CatchupServer { index: Index::open(log_path)?, snapshots: VecDeque::new(), next_snapshot_id: crate::log::now_ms() })
     }
 
     /// Indexes a step of the log while no request waits: not only until it
@@ -548,6 +612,9 @@ fn answer(
                 }
                 return Ok(FramesBuilder::new(db_id, last.generation, 0, last.last_frame_no, last.page_size.max(512)).finish());
             }
+            if let Some(why) = index.not_yet(n + 1) {
+                return Ok(wire::error(db_id, last.generation, &why));
+            }
             let Some((t, u)) = index.find(n + 1).map_err(|e| e.to_string())? else {
                 return need(format!("frame_no {} is outside the log's window", n + 1));
             };
@@ -606,7 +673,12 @@ fn answer(
 /// The newest image of every page of the current generation, as log offsets.
 fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
     let last = index.last();
-    let Some(start) = index.gen_start else { return Err(io::Error::other("the log holds no base image yet")) };
+    let Some(start) = index.gen_start else {
+        if let Some(why) = index.not_yet(0) {
+            return Err(io::Error::other(why));
+        }
+        return Err(io::Error::other("the log holds no base image yet"));
+    };
     let mut t = index.tail.clone();
     t.pos = start;
     let mut pages: Vec<u64> = Vec::new();
@@ -634,4 +706,65 @@ fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
         pages,
         used: Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LogWriter;
+
+    /// A log of 40 one-frame transactions of 4 KiB pages, synced after the
+    /// 30th: a restarted primary's header then points at frame 31.
+    fn long_log(name: &str) -> (std::path::PathBuf, Vec<u64>) {
+        let dir = std::env::temp_dir().join(format!("walcast-indextest-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
+        let mut sums = vec![];
+        w.begin_generation(4096, "test").unwrap();
+        sums.push(w.add_frame(1, 1, &[0; 4096]).unwrap().checksum);
+        w.commit(1, None).unwrap();
+        for i in 2..=40u64 {
+            w.begin_batch();
+            sums.push(w.add_frame(1, 1, &[i as u8; 4096]).unwrap().checksum);
+            w.commit(1, None).unwrap();
+            if i == 30 {
+                w.sync().unwrap();
+            }
+        }
+        (p, sums)
+    }
+
+    fn ask(index: &Index, after: u64, checksum: u64) -> String {
+        let req = wire::req_frames([5; 16], 1, after, checksum);
+        let mut snaps = VecDeque::new();
+        let reply = answer(index, &req, &mut snaps, &mut 1, &PublishStats::default()).unwrap();
+        match wire::decode(&reply).unwrap().1 {
+            Body::Frames { frames, .. } => format!("frames {}", frames.len()),
+            Body::Error { reason } => reason.to_string(),
+            Body::NeedSnapshot { reason } => format!("snapshot: {reason}"),
+            _ => panic!("unexpected reply"),
+        }
+    }
+
+    #[test]
+    fn a_restarted_primary_answers_for_the_newest_frames_before_it_has_indexed_the_rest() {
+        let (p, sums) = long_log("restart");
+        let mut index = Index::open(&p).unwrap();
+        // One small step: the newer part (from frame 31) is indexed, not the older one.
+        assert!(index.refresh(1).unwrap() || index.refresh(64 << 10).unwrap());
+        assert!(index.older.is_some(), "the older part is indexed later");
+        assert_eq!(ask(&index, 35, sums[34]), "frames 5");
+        assert_eq!(ask(&index, 30, sums[29]), "frames 10");
+        let reason = ask(&index, 10, sums[9]);
+        assert!(reason.contains("still indexing the older part"), "{reason}");
+        while index.older.is_some() {
+            index.refresh(8 << 10).unwrap();
+        }
+        assert_eq!(ask(&index, 10, sums[9]), "frames 30");
+        assert_eq!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])), "frames 40");
+        assert!(index.gen_start.is_some(), "the base image's position comes from the older part");
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
 }
