@@ -331,6 +331,73 @@ impl LogTail {
         Ok(FrameHeader::decode(head[1..].try_into().unwrap()))
     }
 
+    /// The unit boundary before the unit that ends at `at`: found by walking
+    /// backwards over WAL event records, the unit's commit record and its
+    /// frames (fixed-size records of `at`'s generation) to the previous
+    /// unit's commit record. None where that cannot be told (a generation
+    /// record, the first record, anything unexpected). Lets a restarted
+    /// primary index the end of a long log without reading all of it.
+    pub fn boundary_before(&self, at: &Pos) -> io::Result<Option<Pos>> {
+        if at.page_size == 0 {
+            return Ok(None);
+        }
+        let rec = 1 + FRAME_HEADER_LEN as u64 + at.page_size as u64;
+        let Some((c_off, c)) = self.commit_ending_at(at.offset)? else { return Ok(None) };
+        if c.last_frame_no != at.last_frame_no || c.checksum != at.last_checksum {
+            return Ok(None);
+        }
+        let (mut off, mut expect) = (c_off, c.last_frame_no);
+        let mut head = [0u8; 1 + FRAME_HEADER_LEN];
+        while off >= RECORDS_START + rec && expect > 0 {
+            if self.read_some(&mut head, off - rec)? < head.len() || head[0] != TAG_FRAME {
+                break;
+            }
+            if FrameHeader::decode(head[1..].try_into().unwrap()).frame_no != expect {
+                break;
+            }
+            off -= rec;
+            expect -= 1;
+        }
+        let Some((p_off, p)) = self.commit_ending_at(off)? else { return Ok(None) };
+        if p.last_frame_no != expect {
+            return Ok(None);
+        }
+        Ok(Some(Pos {
+            offset: p_off + COMMIT_LEN as u64,
+            generation: at.generation,
+            page_size: at.page_size,
+            last_frame_no: p.last_frame_no,
+            last_checksum: p.checksum,
+            db_pages: p.size_after,
+        }))
+    }
+
+    /// The commit record that ends at `end`, or before the WAL event records
+    /// that end there, with its offset.
+    fn commit_ending_at(&self, mut end: u64) -> io::Result<Option<(u64, CommitRecord)>> {
+        loop {
+            if end >= RECORDS_START + COMMIT_LEN as u64 {
+                let mut b = [0u8; COMMIT_LEN];
+                if self.read_some(&mut b, end - COMMIT_LEN as u64)? == COMMIT_LEN && b[0] == TAG_COMMIT {
+                    if let Some(c) = CommitRecord::decode(&b) {
+                        return Ok(Some((end - COMMIT_LEN as u64, c)));
+                    }
+                }
+            }
+            if end >= RECORDS_START + WAL_EVENT_LEN as u64 {
+                let mut b = [0u8; WAL_EVENT_LEN];
+                if self.read_some(&mut b, end - WAL_EVENT_LEN as u64)? == WAL_EVENT_LEN
+                    && b[0] == TAG_WAL_EVENT
+                    && log::WalEvent::decode(&b).is_some()
+                {
+                    end -= WAL_EVENT_LEN as u64;
+                    continue;
+                }
+            }
+            return Ok(None);
+        }
+    }
+
     /// Reads the page of the F record at `record_offset`.
     pub fn page_at(&self, record_offset: u64, page: &mut [u8]) -> io::Result<()> {
         let off = record_offset + 1 + FRAME_HEADER_LEN as u64;

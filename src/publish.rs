@@ -391,7 +391,21 @@ fn index_units(
 
 impl Index {
     fn open(path: &std::path::Path) -> io::Result<Index> {
-        let tail = LogTail::open(path, false)?;
+        Self::open_walking_back(path, INDEX_STEP)
+    }
+
+    /// Replicas that were following are usually a little behind the durable
+    /// point (it moves at WAL restarts): the newer part starts up to `walk`
+    /// bytes before it, found by walking backwards.
+    fn open_walking_back(path: &std::path::Path, walk: u64) -> io::Result<Index> {
+        let mut tail = LogTail::open(path, false)?;
+        let durable = tail.pos.offset;
+        while durable - tail.pos.offset < walk {
+            match tail.boundary_before(&tail.pos)? {
+                Some(p) => tail.pos = p,
+                None => break,
+            }
+        }
         let first = LogTail::open(path, true)?;
         let older = (first.pos.offset < tail.pos.offset).then(|| OlderPart {
             reader: first,
@@ -403,20 +417,24 @@ impl Index {
         Ok(Index { tail, entries: Vec::new(), gen_start: None, last_entry_offset: 0, older, recent: Mutex::new(None) })
     }
 
-    /// Indexes units appended since the last call, then the older part of the
-    /// log, reading at most about `budget` bytes; true once the newest part is
-    /// indexed to the end (requests can be answered). A primary that restarts
-    /// with a long log indexes it in steps, between requests and while idle,
-    /// so that the server keeps answering meanwhile.
-    fn refresh(&mut self, budget: u64) -> io::Result<bool> {
+    /// Indexes units appended since the last call, reading at most about
+    /// `budget` bytes; true once the newest part is indexed to the end
+    /// (requests can be answered). With `older`, a call that finds nothing new
+    /// indexes a step of the older part instead (while idle: requests do not
+    /// wait for it). A primary that restarts with a long log indexes it in
+    /// steps, between requests and while idle, so that the server keeps
+    /// answering meanwhile.
+    fn refresh(&mut self, budget: u64, older: bool) -> io::Result<bool> {
         self.tail.forget_window();
         let start = self.tail.pos.offset;
         if !index_units(&mut self.tail, u64::MAX, budget, &mut self.entries, &mut self.gen_start, &mut self.last_entry_offset)? {
             return Ok(false);
         }
-        let left = budget.saturating_sub(self.tail.pos.offset - start);
+        if self.tail.pos.offset != start || !older {
+            return Ok(true);
+        }
         if let Some(o) = self.older.as_mut() {
-            if index_units(&mut o.reader, o.until.offset, left, &mut o.entries, &mut o.gen_start, &mut o.last_entry_offset)? {
+            if index_units(&mut o.reader, o.until.offset, budget, &mut o.entries, &mut o.gen_start, &mut o.last_entry_offset)? {
                 let mut o = self.older.take().unwrap();
                 o.entries.append(&mut self.entries);
                 self.entries = o.entries;
@@ -549,7 +567,7 @@ impl CatchupServer {
     /// was first indexed, so that a request after a burst of hundreds of MB
     /// does not wait for all of it (a step is cheap when nothing is new).
     pub fn idle(&mut self) {
-        let _ = self.index.refresh(INDEX_STEP);
+        let _ = self.index.refresh(INDEX_STEP, true);
     }
 
     /// The reply to one request.
@@ -559,7 +577,7 @@ impl CatchupServer {
         // Index what is new, within a time budget for a long unindexed log.
         let deadline = Instant::now() + Duration::from_millis(200);
         let refreshed = loop {
-            match index.refresh(INDEX_STEP) {
+            match index.refresh(INDEX_STEP, false) {
                 Ok(true) => break Ok(true),
                 Ok(false) if Instant::now() < deadline => {}
                 other => break other,
@@ -751,20 +769,27 @@ mod tests {
     #[test]
     fn a_restarted_primary_answers_for_the_newest_frames_before_it_has_indexed_the_rest() {
         let (p, sums) = long_log("restart");
-        let mut index = Index::open(&p).unwrap();
-        // One small step: the newer part (from frame 31) is indexed, not the older one.
-        assert!(index.refresh(1).unwrap() || index.refresh(64 << 10).unwrap());
+        let record = 1 + 24 + 4096 + crate::log::COMMIT_LEN as u64;
+        // The newer part: 12 units walked back from the durable point (frame 30).
+        let mut index = Index::open_walking_back(&p, 12 * record).unwrap();
+        assert!(index.refresh(u64::MAX, true).unwrap());
         assert!(index.older.is_some(), "the older part is indexed later");
         assert_eq!(ask(&index, 35, sums[34]), "frames 5");
         assert_eq!(ask(&index, 30, sums[29]), "frames 10");
+        assert_eq!(ask(&index, 20, sums[19]), "frames 20", "walked back to, not read from the start");
         let reason = ask(&index, 10, sums[9]);
         assert!(reason.contains("still indexing the older part"), "{reason}");
         while index.older.is_some() {
-            index.refresh(8 << 10).unwrap();
+            index.refresh(8 << 10, true).unwrap();
         }
         assert_eq!(ask(&index, 10, sums[9]), "frames 30");
         assert_eq!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])), "frames 40");
         assert!(index.gen_start.is_some(), "the base image's position comes from the older part");
+        // Walking back stops at the generation's base image.
+        let mut index = Index::open(&p).unwrap();
+        assert!(index.refresh(u64::MAX, true).unwrap());
+        assert_eq!(ask(&index, 1, sums[0]), "frames 39");
+        assert!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])).contains("still indexing"));
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 }
