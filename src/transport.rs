@@ -18,6 +18,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the catch-up socket accepts at most (NNG's receive limit); every
+/// request is far smaller. Replies and live messages are limited to
+/// `wire::MAX_MESSAGE` on the replica's sockets.
+pub const MAX_REQUEST: usize = 4096;
+
 /// A checked endpoint: the PUB address and the derived catch-up address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -100,7 +105,8 @@ impl PrimarySockets {
         remove_stale_ipc(&ep.url);
         publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
         let catchup = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
-        let _ = catchup.set_opt::<RecvMaxSize>(4096);
+        // Requests are a few dozen bytes: a peer cannot make the server buffer more.
+        catchup.set_opt::<RecvMaxSize>(MAX_REQUEST).map_err(|e| nng_err("cannot limit messages to", &ep.catchup, e))?;
         let _ = catchup.set_opt::<RecvTimeout>(Some(Duration::from_millis(200)));
         let _ = catchup.set_opt::<SendTimeout>(Some(Duration::from_secs(5)));
         remove_stale_ipc(&ep.catchup);
