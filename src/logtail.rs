@@ -167,7 +167,7 @@ impl LogTail {
                         return Ok(None);
                     }
                     let c = CommitRecord::decode(&b).ok_or_else(|| corrupt(off, "commit record checksum mismatch"))?;
-                    if c.last_frame_no + 1 != expect {
+                    if c.last_frame_no.checked_add(1) != Some(expect) {
                         return Err(corrupt(off, "commit record does not close its frames"));
                     }
                     let unit = Unit {
@@ -379,6 +379,30 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![(4, 3, 4)]);
         assert_eq!(t.frame_header(&u2, 3).unwrap().page_no, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Found by the log_tail fuzz target: a commit record (CRC intact) naming
+    /// frame_no u64::MAX overflowed `last_frame_no + 1` (a panic under `cargo
+    /// test` and in fuzz builds, which check overflow; release builds wrapped).
+    #[test]
+    fn a_commit_record_at_the_last_frame_no_is_damage() {
+        let dir = std::env::temp_dir().join(format!("walcast-tailtest2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [4; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 1, &[1; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() - COMMIT_LEN;
+        b[at + 1..at + 9].copy_from_slice(&u64::MAX.to_le_bytes());
+        let c = log::crc(&b[at..at + 53]);
+        b[at + 53..at + 61].copy_from_slice(&c.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let e = LogTail::open(&p, true).unwrap().next_unit().unwrap_err();
+        assert!(e.to_string().contains("does not close its frames"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
