@@ -16,7 +16,7 @@
 //! (a crash mid-write) and is dropped; anything else that does not verify is
 //! corruption, reported with the first bad frame_no and its offset.
 
-use crate::frame::{chain_seed, FrameHeader, FRAME_HEADER_LEN};
+use crate::frame::{chain_seed, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_NO};
 use crate::wal::WalPos;
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -243,10 +243,6 @@ enum SlotProblem {
     /// Its CRC matches, but it holds what walcast never writes.
     Malformed(&'static str),
 }
-
-/// Frame numbers in a header stay below this, so that no count or "next
-/// frame_no" computed from them overflows.
-const MAX_FRAME_NO: u64 = 1 << 62;
 
 fn valid_page_size(p: u32) -> bool {
     p == 0 || ((512..=65536).contains(&p) && p.is_power_of_two())
