@@ -5,7 +5,7 @@ EXT      := target/release/libwalcast.so
 PYTHON   := /usr/bin/python3
 CARGO    ?= cargo
 
-.PHONY: all build deps test-deps bench-deps demo test test-unit test-integration test-big test-crash-long test-resource-faults-long netfaults torture bench clean
+.PHONY: all build deps test-deps bench-deps fuzz-deps fuzz fuzz-seeds demo test test-unit test-integration test-big test-crash-long test-resource-faults-long netfaults torture bench clean
 
 all: build
 
@@ -74,6 +74,30 @@ bench: bench-deps build
 # What the benchmarks need on top of deps: matplotlib for the lag plot.
 bench-deps:
 	WALCAST_NEED_BENCH=1 bash scripts/install-deps.sh
+
+# The fuzz targets in fuzz/ (a separate cargo workspace, never built by `make
+# test`), each run for FUZZ_SECONDS (default 300) on fresh seeds plus whatever
+# corpus earlier runs left in fuzz/corpus/. Stable Rust is enough:
+# RUSTC_BOOTSTRAP=1 lets it take the sanitizer flags cargo-fuzz passes.
+# FUZZ_TARGETS picks targets; FUZZ_SANITIZER=none builds without ASan (faster).
+# A crash stops the run; its input is in fuzz/artifacts/<target>/.
+FUZZ_SECONDS   ?= 300
+FUZZ_TARGETS   ?= wire_decode frame_header log_scan log_tail catchup_request replica_stream
+FUZZ_SANITIZER ?= address
+FUZZ_ENV       := RUSTC_BOOTSTRAP=1
+
+fuzz: fuzz-deps fuzz-seeds
+	for t in $(FUZZ_TARGETS); do \
+	  (cd fuzz && $(FUZZ_ENV) $(CARGO) fuzz run --sanitizer $(FUZZ_SANITIZER) $$t -- \
+	     -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=1024 -malloc_limit_mb=256 -timeout=10) || exit 1; \
+	done
+
+# Seed inputs (real messages and log files) for every target, in fuzz/corpus/.
+fuzz-seeds:
+	cd fuzz && $(CARGO) run --release --bin make_seeds -- corpus
+
+fuzz-deps:
+	WALCAST_NEED_FUZZ=1 bash scripts/install-deps.sh
 
 clean:
 	$(CARGO) clean

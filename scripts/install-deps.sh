@@ -7,6 +7,9 @@
 #               and its pytest, which runs the tests in tests/ (WALCAST_NEED_PYTEST=1)
 #   python3-matplotlib - draws the benchmarks' lag plot (WALCAST_NEED_BENCH=1);
 #               without it the harness draws with a small built-in PNG writer
+#   g++, cargo-fuzz - the fuzz targets in fuzz/ (WALCAST_NEED_FUZZ=1): libFuzzer is
+#               C++, built by the libfuzzer-sys crate; cargo-fuzz is installed
+#               with cargo (it runs on the stable toolchain, see `make fuzz`)
 # It installs only what is missing, so it is quick on a machine that has everything.
 set -euo pipefail
 
@@ -27,6 +30,9 @@ fi
 if [ "${WALCAST_NEED_BENCH:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1; then
   need+=(python3-matplotlib)
 fi
+if [ "${WALCAST_NEED_FUZZ:-0}" = 1 ] && ! command -v c++ >/dev/null 2>&1; then
+  need+=(g++)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"
@@ -35,6 +41,11 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ "${WALCAST_NEED_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
 fi
 
 /usr/bin/python3 - <<'PY'

@@ -19,6 +19,11 @@
 
 pub const FRAME_HEADER_LEN: usize = 24;
 
+/// No real history gets near this frame_no; a log header, snapshot or frame
+/// that names a bigger one is refused, so that no "next frame_no" computed from
+/// it can overflow.
+pub const MAX_FRAME_NO: u64 = 1 << 62;
+
 /// Domain separator for the chain seed, so a seed can never equal a frame checksum
 /// computed over the same bytes by accident.
 const CHAIN_SEED_DOMAIN: &[u8] = b"walcast-chain-v1";

@@ -85,6 +85,10 @@ impl LogTail {
     pub fn open(path: &Path, from_start: bool) -> io::Result<LogTail> {
         let lf = LogFile::open(path).map_err(|e| io::Error::other(e.to_string()))?;
         let st = if from_start { lf.id.initial_state() } else { lf.snapshot };
+        let len = lf.file.metadata()?.len();
+        if st.end_offset > len {
+            return Err(corrupt(len, format!("the header records {} durable bytes, but the file has {len}", st.end_offset)));
+        }
         let pos = Pos {
             offset: st.end_offset.max(RECORDS_START),
             generation: st.generation,
@@ -167,7 +171,7 @@ impl LogTail {
                         return Ok(None);
                     }
                     let c = CommitRecord::decode(&b).ok_or_else(|| corrupt(off, "commit record checksum mismatch"))?;
-                    if c.last_frame_no + 1 != expect {
+                    if c.last_frame_no.checked_add(1) != Some(expect) {
                         return Err(corrupt(off, "commit record does not close its frames"));
                     }
                     let unit = Unit {
@@ -446,6 +450,58 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![(4, 3, 4)]);
         assert_eq!(t.frame_header(&u2, 3).unwrap().page_no, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Found by the log_tail fuzz target: a header (CRC intact) naming a
+    /// durable end past the file's end made the reader start there; near
+    /// u64::MAX its offsets overflowed.
+    #[test]
+    fn a_header_past_the_end_of_the_file_is_damage() {
+        let dir = std::env::temp_dir().join(format!("walcast-tailtest3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 1, &[1; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        w.sync().unwrap();
+        assert!(LogTail::open(&p, false).is_ok());
+        let mut b = std::fs::read(&p).unwrap();
+        for slot in [0, 256] {
+            b[slot + 56..slot + 64].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+            let c = log::crc(&b[slot..slot + 248]);
+            b[slot + 248..slot + 256].copy_from_slice(&c.to_le_bytes());
+        }
+        std::fs::write(&p, &b).unwrap();
+        let e = LogTail::open(&p, false).err().expect("a header past the file's end is refused");
+        assert!(e.to_string().contains("durable bytes"), "{e}");
+        assert!(LogTail::open(&p, true).is_ok(), "reading from the first record does not use the header's end");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Found by the log_tail fuzz target: a commit record (CRC intact) naming
+    /// frame_no u64::MAX overflowed `last_frame_no + 1` (a panic under `cargo
+    /// test` and in fuzz builds, which check overflow; release builds wrapped).
+    #[test]
+    fn a_commit_record_at_the_last_frame_no_is_damage() {
+        let dir = std::env::temp_dir().join(format!("walcast-tailtest2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [4; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 1, &[1; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() - COMMIT_LEN;
+        b[at + 1..at + 9].copy_from_slice(&u64::MAX.to_le_bytes());
+        let c = log::crc(&b[at..at + 53]);
+        b[at + 53..at + 61].copy_from_slice(&c.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let e = LogTail::open(&p, true).unwrap().next_unit().unwrap_err();
+        assert!(e.to_string().contains("does not close its frames"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

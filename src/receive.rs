@@ -4,7 +4,7 @@
 //! thread (`replica.rs`) calls them; so do the fuzz targets (`fuzz/`), which feed
 //! them arbitrary bytes.
 
-use crate::frame::FrameHeader;
+use crate::frame::{FrameHeader, MAX_FRAME_NO};
 use crate::log::hex;
 use crate::wire::{self, Body, Header};
 
@@ -44,6 +44,9 @@ pub fn judge_frame(fh: &FrameHeader, page: &[u8], expected: u64, prev: u64, skip
     if fh.frame_no < expected {
         return FrameVerdict::Duplicate;
     }
+    if fh.frame_no > MAX_FRAME_NO {
+        return FrameVerdict::Refuse(format!("refused frame_no {}: past any history", fh.frame_no));
+    }
     if fh.frame_no > expected || skips_base_image {
         return FrameVerdict::Gap;
     }
@@ -72,6 +75,9 @@ pub struct SnapshotStart {
 pub fn snapshot_reply(reply: &[u8]) -> Result<SnapshotStart, String> {
     let (h, body) = wire::decode(reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
     match body {
+        Body::Snapshot { frame_no, .. } if frame_no > MAX_FRAME_NO => {
+            Err(format!("refused a snapshot at frame_no {frame_no}: past any history"))
+        }
         Body::Snapshot { snapshot_id, frame_no, checksum, page_size, db_pages } => {
             Ok(SnapshotStart { db_id: h.db_id, generation: h.generation, snapshot_id, frame_no, checksum, page_size, db_pages })
         }
@@ -162,6 +168,19 @@ mod tests {
         pb.push(4, &page);
         assert_eq!(copy.accept(&pb.finish(5)).unwrap(), vec![(4, &page[..])]);
         assert_eq!(copy.next_request(), None);
+    }
+
+    /// Found by the replica_stream fuzz target: a snapshot at frame_no
+    /// u64::MAX became the replica's position, and the next frame_no expected
+    /// after it overflowed.
+    #[test]
+    fn frame_numbers_past_any_history_are_refused() {
+        let reply = wire::snapshot([1; 16], 1, 9, u64::MAX, 6, 512, 4);
+        assert!(snapshot_reply(&reply).unwrap_err().contains("past any history"));
+        assert!(snapshot_reply(&wire::snapshot([1; 16], 1, 9, MAX_FRAME_NO, 6, 512, 4)).is_ok());
+        let page = [1u8; 512];
+        let f = make_frame(7, MAX_FRAME_NO + 1, 2, 0, &page);
+        assert!(matches!(judge_frame(&f, &page, MAX_FRAME_NO + 1, 7, false), FrameVerdict::Refuse(_)));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+
 /// A checked endpoint: the PUB address and the derived catch-up address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -111,7 +112,8 @@ impl PrimarySockets {
         remove_stale_ipc(&ep.url);
         publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
         let catchup = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
-        let _ = catchup.set_opt::<RecvMaxSize>(MAX_REQUEST);
+        // Requests are a few dozen bytes: a peer cannot make the server buffer more.
+        catchup.set_opt::<RecvMaxSize>(MAX_REQUEST).map_err(|e| nng_err("cannot limit messages to", &ep.catchup, e))?;
         let _ = catchup.set_opt::<RecvTimeout>(Some(Duration::from_millis(200)));
         let _ = catchup.set_opt::<SendTimeout>(Some(Duration::from_secs(5)));
         remove_stale_ipc(&ep.catchup);
