@@ -419,18 +419,17 @@ impl Index {
 
     /// Indexes units appended since the last call, reading at most about
     /// `budget` bytes; true once the newest part is indexed to the end
-    /// (requests can be answered). With `older`, a call that finds nothing new
-    /// indexes a step of the older part instead (while idle: requests do not
-    /// wait for it). A primary that restarts with a long log indexes it in
+    /// (requests can be answered). With `older`, it then indexes a step of the
+    /// older part (while idle, or for a request that needs it: other requests
+    /// do not wait for it). A primary that restarts with a long log indexes it in
     /// steps, between requests and while idle, so that the server keeps
     /// answering meanwhile.
     fn refresh(&mut self, budget: u64, older: bool) -> io::Result<bool> {
         self.tail.forget_window();
-        let start = self.tail.pos.offset;
         if !index_units(&mut self.tail, u64::MAX, budget, &mut self.entries, &mut self.gen_start, &mut self.last_entry_offset)? {
             return Ok(false);
         }
-        if self.tail.pos.offset != start || !older {
+        if !older {
             return Ok(true);
         }
         if let Some(o) = self.older.as_mut() {
@@ -576,13 +575,24 @@ impl CatchupServer {
         self.snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
         // Index what is new, within a time budget for a long unindexed log.
         let deadline = Instant::now() + Duration::from_millis(200);
-        let refreshed = loop {
+        let mut refreshed = loop {
             match index.refresh(INDEX_STEP, false) {
                 Ok(true) => break Ok(true),
                 Ok(false) if Instant::now() < deadline => {}
                 other => break other,
             }
         };
+        // A request that needs the older part of the log (frames before the
+        // newer part, or a snapshot whose base image lies there) indexes it
+        // within the same budget; others do not wait for it.
+        if matches!(refreshed, Ok(true)) && index.older.is_some() && needs_older(index, msg) {
+            while index.older.is_some() && Instant::now() < deadline {
+                if let Err(e) = index.refresh(INDEX_STEP, true) {
+                    refreshed = Err(e);
+                    break;
+                }
+            }
+        }
         match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
             Ok(false) => wire::error(
@@ -595,6 +605,15 @@ impl CatchupServer {
                 Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
             },
         }
+    }
+}
+
+/// Whether `msg` asks for something in the part of the log not indexed yet.
+fn needs_older(index: &Index, msg: &[u8]) -> bool {
+    match wire::decode(msg) {
+        Ok((_, Body::ReqFrames { after_frame_no, .. })) => index.not_yet(after_frame_no + 1).is_some(),
+        Ok((_, Body::ReqSnapshot)) => index.gen_start.is_none(),
+        _ => false,
     }
 }
 
@@ -772,7 +791,7 @@ mod tests {
         let record = 1 + 24 + 4096 + crate::log::COMMIT_LEN as u64;
         // The newer part: 12 units walked back from the durable point (frame 30).
         let mut index = Index::open_walking_back(&p, 12 * record).unwrap();
-        assert!(index.refresh(u64::MAX, true).unwrap());
+        assert!(index.refresh(u64::MAX, false).unwrap());
         assert!(index.older.is_some(), "the older part is indexed later");
         assert_eq!(ask(&index, 35, sums[34]), "frames 5");
         assert_eq!(ask(&index, 30, sums[29]), "frames 10");
@@ -787,7 +806,7 @@ mod tests {
         assert!(index.gen_start.is_some(), "the base image's position comes from the older part");
         // Walking back stops at the generation's base image.
         let mut index = Index::open(&p).unwrap();
-        assert!(index.refresh(u64::MAX, true).unwrap());
+        assert!(index.refresh(u64::MAX, false).unwrap());
         assert_eq!(ask(&index, 1, sums[0]), "frames 39");
         assert!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])).contains("still indexing"));
         let _ = std::fs::remove_dir_all(p.parent().unwrap());

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-
 /// A checked endpoint: the PUB address and the derived catch-up address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
