@@ -75,6 +75,22 @@ pub const MAX_RECEIVED: usize = crate::wire::MAX_MESSAGE + OVERHEAD;
 /// The largest catch-up request the primary accepts.
 pub const MAX_REQUEST: usize = 4096;
 
+/// The number of connections a socket has now, kept up to date by NNG.
+fn count_pipes(sock: &Socket) -> Arc<AtomicI64> {
+    let n = Arc::new(AtomicI64::new(0));
+    let count = n.clone();
+    let _ = sock.pipe_notify(move |_, ev| match ev {
+        nng::PipeEvent::AddPost => {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+        nng::PipeEvent::RemovePost => {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+        _ => {}
+    });
+    n
+}
+
 fn nng_err(what: &str, url: &str, e: nng::Error) -> String {
     format!("{what} {url}: {e}")
 }
@@ -91,17 +107,7 @@ pub struct PrimarySockets {
 impl PrimarySockets {
     pub fn listen(ep: &Endpoint, sealer: Sealer) -> Result<PrimarySockets, String> {
         let publish = Socket::new(Protocol::Pub0).map_err(|e| nng_err("cannot create a PUB socket for", &ep.url, e))?;
-        let replicas = Arc::new(AtomicI64::new(0));
-        let count = replicas.clone();
-        let _ = publish.pipe_notify(move |_, ev| match ev {
-            nng::PipeEvent::AddPost => {
-                count.fetch_add(1, Ordering::AcqRel);
-            }
-            nng::PipeEvent::RemovePost => {
-                count.fetch_sub(1, Ordering::AcqRel);
-            }
-            _ => {}
-        });
+        let replicas = count_pipes(&publish);
         // A slow replica must never block the publisher: sends that cannot be
         // queued are dropped, and the replica repairs the gap by catch-up.
         let _ = publish.set_opt::<SendTimeout>(Some(Duration::ZERO));
@@ -177,17 +183,7 @@ impl ReplicaSockets {
     pub fn dial(ep: &Endpoint, sealer: Sealer) -> Result<ReplicaSockets, String> {
         let subscribe = Socket::new(Protocol::Sub0).map_err(|e| nng_err("cannot create a SUB socket for", &ep.url, e))?;
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
-        let connected = Arc::new(AtomicI64::new(0));
-        let count = connected.clone();
-        let _ = subscribe.pipe_notify(move |_, ev| match ev {
-            nng::PipeEvent::AddPost => {
-                count.fetch_add(1, Ordering::AcqRel);
-            }
-            nng::PipeEvent::RemovePost => {
-                count.fetch_sub(1, Ordering::AcqRel);
-            }
-            _ => {}
-        });
+        let connected = count_pipes(&subscribe);
         subscribe.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
         // At most this many ~1 MiB messages wait in the replica's queue.
         let _ = subscribe.set_opt::<RecvBufferSize>(4);
