@@ -693,8 +693,16 @@ fn answer(
             let mut pb = PagesBuilder::new(db_id, s.generation, s.id, s.page_size);
             let mut page = vec![0u8; s.page_size as usize];
             let mut p = from_page.max(1);
+            // Pages past the last one the log holds are not in the image: skip
+            // them at once (a damaged size_after near u32::MAX must not make
+            // this loop for billions of pages).
+            let held = s.pages.len() as u32;
             while p <= s.db_pages && !pb.full() {
-                let off = s.pages.get(p as usize - 1).copied().unwrap_or(0);
+                if p > held {
+                    p = s.db_pages.saturating_add(1);
+                    break;
+                }
+                let off = s.pages[p as usize - 1];
                 if off != 0 {
                     t.page_at(off, &mut page).map_err(|e| e.to_string())?;
                     pb.push(p, &page);
