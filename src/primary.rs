@@ -492,9 +492,7 @@ impl DbState {
                 aside.display()
             ));
         }
-        for stale in [crate::replica::position_path(&self.db_path)] {
-            let _ = std::fs::remove_file(stale);
-        }
+        let _ = std::fs::remove_file(crate::replica::position_path(&self.db_path));
         let me = lookup(&self.db_path).ok_or("database state is gone")?;
         me.start_replica(g, None);
         Ok(Role::Replica)

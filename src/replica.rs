@@ -498,9 +498,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         let recorded = load_position(&pp);
         // Who the replica follows survives an untrusted position: only the
         // WAL's unsynced end is in doubt, not whose copy it is.
-        self.identity = recorded.map(|(p, _)| p.db_id).or_else(|| load_conf(self.db()).and_then(|c| c.db_id));
+        let conf = load_conf(self.db());
+        self.identity = recorded.map(|(p, _)| p.db_id).or_else(|| conf.as_ref().and_then(|c| c.db_id));
         self.fence_generation = recorded.map_or(0, |(p, _)| p.generation);
-        self.force_bootstrap = load_conf(self.db()).is_some_and(|c| c.rebootstrap);
+        self.force_bootstrap = conf.is_some_and(|c| c.rebootstrap);
         self.pos = match recorded {
             Some((p, true)) => Some(p),
             Some((_, false)) => {
