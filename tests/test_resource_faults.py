@@ -372,9 +372,11 @@ def replica_recovered(cluster, primary, replica, rn, w, reader, after):
     cluster.converge(primary, replica)
     checks, states = reader.stop_and_check()
     print(f"stock sqlite3 read the replica {checks} times ({states} states) through the fault")
-    st = rn.status()
+    # Converged through catch-up, it says so at its next message (a heartbeat
+    # within 500 ms): wait for that rather than sample one instant.
+    st = wc.wait_for(lambda: (s := rn.status())["state"] == "streaming" and s["last_error"] is None and s, timeout=10,
+                     what=f"the replica streaming with no error after {after}: {rn.status()}")
     print(f"replica status after {after}:", json.dumps(st))
-    assert st["state"] == "streaming" and st["last_error"] is None, st
     acked = set(w.acked())
     assert acked <= ledger(replica), sorted(acked - ledger(replica))[:5]
     cluster.identical(primary, replica)
