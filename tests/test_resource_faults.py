@@ -325,7 +325,7 @@ def test_replica_disk_full(cluster, small_disk, tmp_path, port):
     """The replica's files on a small tmpfs, filled while the primary (elsewhere)
     commits and stock sqlite3 readers check the invariant on the replica."""
     tmp = str(tmp_path)
-    disk = small_disk("replica-disk", size_mb=32)
+    disk = small_disk("replica-disk", size_mb=96)
     primary, replica = os.path.join(tmp, "primary.db"), os.path.join(disk.path, "replica.db")
     cluster.primary(primary, port, setup=SETUP)
     rn = cluster.replica(replica, port)
