@@ -5,6 +5,7 @@
 //! - `wal`: reading SQLite's -wal file.
 //! - `log`: the replication log file.
 //! - `capture`: keeping the log in step with the WAL; base images; generations.
+//! - `capture_failure`: a primary's last capture failure, for every process.
 //! - `claim`: which WAL commits walcast wrote (to recognize foreign writes).
 //! - `primary`: per-database state, role, capture thread, VFS hook decisions.
 //! - `receive`: the replica's checks on received frames and snapshot replies.
@@ -17,6 +18,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod capture_failure;
 pub mod claim;
 pub mod conf;
 pub mod frame;

@@ -10,6 +10,7 @@
 //! also where the log is made durable.
 
 use crate::capture::{self, CaptureError, CatchUp, Committed, Imaging, Paths};
+use crate::capture_failure::{self, Streak};
 use crate::claim::{self, ClaimFile, ClaimState, WalMark};
 use crate::conf::{self, Conf, Role};
 use crate::log::{hex, LogError, LogWriter, WalCursor};
@@ -69,6 +70,9 @@ struct Inner {
     last_error: Option<String>,
     /// Capture cannot continue (the log is unusable): writes are refused.
     fatal: Option<String>,
+    /// This process's current run of capture failures, shared with the other
+    /// processes through `<db>-walcast-failure`.
+    failure_streak: Option<Streak>,
 }
 
 pub struct DbState {
@@ -104,6 +108,7 @@ pub struct DbState {
     /// The page size of the WAL walcast follows (0 = not known yet).
     wal_page_size: std::sync::atomic::AtomicU32,
     claim_path: PathBuf,
+    failure_path: PathBuf,
 }
 
 struct ReplicaThread {
@@ -160,6 +165,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                     capture_db: None,
                     last_error: None,
                     fatal: None,
+                    failure_streak: None,
                 }),
                 replica_role: AtomicBool::new(false),
                 capturing: AtomicBool::new(false),
@@ -177,6 +183,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 partial_header: Mutex::new(None),
                 write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
+                failure_path: capture_failure::path(db_path),
             })
         })
         .clone()
@@ -355,6 +362,7 @@ impl DbState {
 
     fn set_fatal(&self, g: &mut Inner, msg: String) {
         report(&format!("{}: replication stopped, writes to this database are refused: {msg}", self.db_path));
+        Streak::failed(&mut g.failure_streak, &self.failure_path, &msg, true, false);
         g.fatal = Some(msg);
         g.log = None;
         self.capturing.store(false, Ordering::Release);
@@ -641,6 +649,10 @@ impl DbState {
             let c = ClaimFile::open(&self.claim_path).map_err(|e| format!("cannot open {}: {e}", self.claim_path.display()))?;
             let _ = self.claims.set(c);
         }
+        // Full size now, while there is room: a failure is recorded in place.
+        if let Err(e) = capture_failure::prepare(&self.failure_path) {
+            report(&format!("cannot create {}: {e}", self.failure_path.display()));
+        }
         g.log = Some(log);
         g.fatal = None;
         self.refusing_writes.store(false, Ordering::Release);
@@ -744,13 +756,19 @@ impl DbState {
             db.release_shm();
             r
         })();
-        self.record(g, r)
+        self.record(g, r, false)
     }
 
-    fn record(&self, g: &mut Inner, r: Result<CatchUp, CaptureError>) -> Result<CatchUp, CaptureError> {
+    /// `syncs`: the operation syncs the log (before and after a WAL change), so
+    /// its success ends a run of failures that included a failed sync; an
+    /// append that succeeds does not.
+    fn record(&self, g: &mut Inner, r: Result<CatchUp, CaptureError>, syncs: bool) -> Result<CatchUp, CaptureError> {
         match &r {
             Ok(c) => {
                 g.last_error = None;
+                if syncs || g.failure_streak.as_ref().is_some_and(|s| !s.sync_failed) {
+                    Streak::recovered(&mut g.failure_streak, &self.failure_path);
+                }
                 if let Some(p) = &g.publisher {
                     let _ = p.wake.try_send(());
                 }
@@ -769,6 +787,7 @@ impl DbState {
             Err(e) => {
                 let msg = format!("capture failed, will retry: {e}");
                 report(&format!("{}: {msg}", self.db_path));
+                Streak::failed(&mut g.failure_streak, &self.failure_path, &msg, false, syncs);
                 g.last_error = Some(msg);
             }
         }
@@ -834,13 +853,21 @@ impl DbState {
         let pending = if self.is_capturing() { self.catch_up_within(Duration::ZERO).err() } else { None };
         let g = self.lock();
         let conf = Conf::load(&self.conf_path).ok();
+        let now = crate::log::now_ms();
+        // Another process's capture failure that goes on: its commits are not
+        // being logged, whatever this process manages.
+        let failure = if g.role == Role::Primary { capture_failure::read(&self.failure_path) } else { None };
+        let elsewhere = failure
+            .as_ref()
+            .filter(|f| f.pid != std::process::id() && f.ongoing(now))
+            .map(|f| format!("capture is failing in process {} ({} failures since {} ms ago): {}", f.pid, f.failures, now.saturating_sub(f.first_ms), f.message));
         let mut v = serde_json::json!({
             "role": g.role.as_str(),
             "database": self.db_path,
             "log": self.log_path.to_string_lossy(),
             "state": if g.fatal.is_some() {
                 "error"
-            } else if g.role == Role::Primary && g.last_error.is_some() {
+            } else if g.role == Role::Primary && (g.last_error.is_some() || elsewhere.is_some()) {
                 // Capture failed and retries (a full disk, an I/O error): new
                 // transactions are not in the log yet.
                 "stalled"
@@ -849,7 +876,8 @@ impl DbState {
             } else {
                 "off"
             },
-            "last_error": g.fatal.clone().or_else(|| g.last_error.clone()).or(pending),
+            "last_error": g.fatal.clone().or_else(|| g.last_error.clone()).or(pending).or(elsewhere),
+            "last_capture_failure": failure.map(|f| f.to_json(now)),
         });
         if let Some(id) = conf.as_ref().and_then(|c| c.db_id) {
             v["db_id"] = hex(&id).into();
@@ -1147,7 +1175,7 @@ impl DbState {
         let pre = PrivateDb::open(&self.db_path)
             .map_err(CaptureError::Io)
             .and_then(|db| capture::before_wal_change(log, &paths, &db, claims, change));
-        if let Err(e) = self.record(&mut g, pre) {
+        if let Err(e) = self.record(&mut g, pre, true) {
             drop(locked);
             report(&format!("{}: capture failed before {what}, so it was refused: {e}", self.db_path));
             // A full disk is SQLITE_FULL to the client, as SQLite's own writes say.
@@ -1157,7 +1185,7 @@ impl DbState {
         if rc == ffi::SQLITE_OK {
             if let Some(log) = g.log.as_mut() {
                 let post = after(log, claims, &paths);
-                let _ = self.record(&mut g, post.map(|_| CatchUp::default()));
+                let _ = self.record(&mut g, post.map(|_| CatchUp::default()), true);
             }
         }
         drop(locked);

@@ -230,6 +230,13 @@ def follows(primary, replica, timeout=60):
     return n
 
 
+def clean_status(db):
+    """walcast_status from a process without the fault shim."""
+    p = wc.py("import json, sys, wc; c = wc.connect(sys.argv[1]);"
+              "print(c.execute('PRAGMA walcast_status').fetchone()[0])", db, env={"LD_PRELOAD": ""})
+    return json.loads(p.stdout)
+
+
 def verify_ok(db, scratch=None):
     """walcast_verify(db) succeeds. With `scratch` (a database file elsewhere),
     it is called from a connection to that file, so that it checks what the log
@@ -427,6 +434,15 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
         return None
     how = wc.wait_for(noticed, timeout=30, what=f"the fault noticed: {pn.status()}")
     print(f"{kind}: the fault was first noticed through the {how}")
+    if kind in ("write", "write_torn"):
+        # A process the fault does not touch, whose own capture succeeds, still
+        # reports that another process's capture is failing.
+        def seen_elsewhere():
+            st = clean_status(primary)
+            return st if st["state"] == "stalled" and EIO_TEXT in (st["last_error"] or "") else None
+        st = wc.wait_for(seen_elsewhere, timeout=30, what=f"a clean process seeing the fault: {clean_status(primary)}")
+        assert "capture is failing in process" in st["last_error"] and st["last_capture_failure"]["ongoing"], st
+        print(f"{kind}: a clean process's status under the fault: {json.dumps(st)}")
     # Let the fault last a while under load.
     wc.wait_for(lambda: len(w.errors()) >= n_err + 20 or len(w.acked()) >= n_on + 300, timeout=30,
                 what="the writer going on under the fault")
@@ -467,6 +483,14 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
     st = pn.status()
     print(f"{kind}: primary status after healing: {json.dumps(st)}")
     assert st["state"] == "capturing", st
+    # Every process's status keeps the failure as history, with its recovery
+    # (a failed sync is recovered only by a sync in that process: until then,
+    # it is history once not repeated for 5 s).
+    clean = wc.wait_for(lambda: (lambda st: st if st["state"] == "capturing" else None)(clean_status(primary)),
+                        timeout=15, what=f"a clean process's status after healing: {clean_status(primary)}")
+    failure = clean["last_capture_failure"]
+    assert clean["last_error"] is None and failure and EIO_TEXT in failure["error"] and not failure["ongoing"], clean
+    assert failure["recovered_unix_ms"] or kind == "fsync", clean
     cluster.converge(primary, replica)
     acked = set(w.acked())
     assert acked <= ledger(primary), sorted(acked - ledger(primary))[:5]
