@@ -82,7 +82,7 @@ bench-deps:
 # FUZZ_TARGETS picks targets; FUZZ_SANITIZER=none builds without ASan (faster).
 # A crash stops the run; its input is in fuzz/artifacts/<target>/.
 FUZZ_SECONDS   ?= 300
-FUZZ_TARGETS   ?= wire_decode frame_header log_scan log_tail catchup_request replica_stream
+FUZZ_TARGETS   ?= wire_decode frame_header log_scan log_tail catchup_request catchup_index catchup_damaged_log replica_stream seal_open
 FUZZ_SANITIZER ?= address
 FUZZ_ENV       := RUSTC_BOOTSTRAP=1
 

@@ -390,10 +390,6 @@ fn index_units(
 }
 
 impl Index {
-    fn open(path: &std::path::Path) -> io::Result<Index> {
-        Self::open_walking_back(path, INDEX_STEP)
-    }
-
     /// Replicas that were following are usually a little behind the durable
     /// point (it moves at WAL restarts): the newer part starts up to `walk`
     /// bytes before it, found by walking backwards.
@@ -555,18 +551,31 @@ pub struct CatchupServer {
     index: Index,
     snapshots: VecDeque<Snapshot>,
     next_snapshot_id: u64,
+    /// Bytes indexed per step, and walked back from the durable point at open.
+    step: u64,
 }
 
 impl CatchupServer {
     pub fn open(log_path: &std::path::Path) -> io::Result<CatchupServer> {
-        Ok(CatchupServer { index: Index::open(log_path)?, snapshots: VecDeque::new(), next_snapshot_id: crate::log::now_ms() })
+        Self::open_in_steps(log_path, INDEX_STEP)
+    }
+
+    /// With `step` bytes in place of 64 MiB: tests and fuzz targets exercise
+    /// the two-part index on a small log.
+    pub fn open_in_steps(log_path: &std::path::Path, step: u64) -> io::Result<CatchupServer> {
+        Ok(CatchupServer {
+            index: Index::open_walking_back(log_path, step)?,
+            snapshots: VecDeque::new(),
+            next_snapshot_id: crate::log::now_ms(),
+            step,
+        })
     }
 
     /// Indexes a step of the log while no request waits: not only until it
     /// was first indexed, so that a request after a burst of hundreds of MB
     /// does not wait for all of it (a step is cheap when nothing is new).
     pub fn idle(&mut self) {
-        let _ = self.index.refresh(INDEX_STEP, true);
+        let _ = self.index.refresh(self.step, true);
     }
 
     /// The reply to one request.
@@ -576,7 +585,7 @@ impl CatchupServer {
         // Index what is new, within a time budget for a long unindexed log.
         let deadline = Instant::now() + Duration::from_millis(200);
         let mut refreshed = loop {
-            match index.refresh(INDEX_STEP, false) {
+            match index.refresh(self.step, false) {
                 Ok(true) => break Ok(true),
                 Ok(false) if Instant::now() < deadline => {}
                 other => break other,
@@ -587,7 +596,7 @@ impl CatchupServer {
         // within the same budget; others do not wait for it.
         if matches!(refreshed, Ok(true)) && index.older.is_some() && needs_older(index, msg) {
             while index.older.is_some() && Instant::now() < deadline {
-                if let Err(e) = index.refresh(INDEX_STEP, true) {
+                if let Err(e) = index.refresh(self.step, true) {
                     refreshed = Err(e);
                     break;
                 }
@@ -813,7 +822,7 @@ mod tests {
         assert_eq!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])), "frames 40");
         assert!(index.gen_start.is_some(), "the base image's position comes from the older part");
         // Walking back stops at the generation's base image.
-        let mut index = Index::open(&p).unwrap();
+        let mut index = Index::open_walking_back(&p, INDEX_STEP).unwrap();
         assert!(index.refresh(u64::MAX, false).unwrap());
         assert_eq!(ask(&index, 1, sums[0]), "frames 39");
         assert!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])).contains("still indexing"));

@@ -96,6 +96,19 @@ fn main() {
     // Frame headers: the chain seed, then a real frame record of the log.
     let first_frame = &log_bytes[FIRST_FRAME..FIRST_FRAME + 1 + 24 + 512];
     put(&dir, "frame_header", "first", &[&sample.checksums[&0].to_le_bytes()[..], &first_frame[1..]].concat());
+    // The sealed envelope: messages of each kind (head: key byte, channel and
+    // change, bound nonce byte, change position).
+    put(&dir, "seal_open", "heartbeat", &[&[1u8, 0, 0, 3][..], &wire::heartbeat(SAMPLE_DB_ID, 2, 3, 4, 5)].concat());
+    put(&dir, "seal_open", "request", &[&[2u8, 4, 9, 200][..], &requests[2]].concat());
+    put(&dir, "seal_open", "reply", &[&[3u8, 8, 1, 77][..], &replies[1].1].concat());
+    // The two-part index: small steps, idle calls between frames requests and a snapshot.
+    let ops: Vec<u8> = (0..40u8).flat_map(|i| [i % 5, i.wrapping_mul(7), i & 1]).collect();
+    put(&dir, "catchup_index", "steps-64", &[&[32u8, 0][..], &ops].concat());
+    put(&dir, "catchup_index", "steps-2k", &[&[0u8, 4][..], &ops].concat());
+    // A damaged log: no change; a flipped frame header byte; a cut.
+    put(&dir, "catchup_damaged_log", "intact", &[0u8, 1, 0, 0]);
+    put(&dir, "catchup_damaged_log", "frame-header", &[0u8, 4, 0, 0, (FIRST_FRAME + 9) as u8, (FIRST_FRAME + 9 >> 8) as u8, 0x40]);
+    put(&dir, "catchup_damaged_log", "cut", &[2u8, 0, 0x40, 0x1f]);
     let _ = std::fs::remove_file(&log);
     println!("seeds written under {}", dir.display());
 }
