@@ -326,6 +326,19 @@ pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() ->
     }
 }
 
+/// The state a failed catch-up attempt leaves, from its error.
+fn catchup_failure_state(e: &str) -> &'static str {
+    if e.contains("no catch-up reply") || e.contains("not sent") {
+        "disconnected"
+    } else if e.contains("still indexing") {
+        // A primary that restarted with a long log says "try again" until it
+        // has indexed the part asked for: catch-up under way, not a failure.
+        "catching_up"
+    } else {
+        "error"
+    }
+}
+
 fn set_error(shared: &Shared, state: &'static str, msg: String) {
     let mut st = shared.status();
     if st.last_error.as_ref() != Some(&msg) {
@@ -464,8 +477,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 match r {
                     Ok(()) => self.need_catchup = false,
                     Err(e) => {
-                        let down = e.contains("no catch-up reply") || e.contains("not sent");
-                        set_error(self.shared, if down { "disconnected" } else { "error" }, e);
+                        set_error(self.shared, catchup_failure_state(&e), e);
                         retry_at = Instant::now() + if self.refused { Duration::from_secs(2) } else { Duration::from_millis(500) };
                     }
                 }
@@ -1097,6 +1109,14 @@ mod tests {
         let (h, body) = wire::decode(msg).expect("a valid message");
         let Body::Frames { page_size, frames, .. } = body else { panic!("frames expected") };
         s.apply_frames(&h, page_size, &frames)
+    }
+
+    #[test]
+    fn a_primary_still_indexing_is_catch_up_not_an_error() {
+        let indexing = "the primary refused: the primary is still indexing the older part of its log (at byte 1 of 2); try again";
+        assert_eq!(catchup_failure_state(indexing), "catching_up");
+        assert_eq!(catchup_failure_state("no catch-up reply: Timed out"), "disconnected");
+        assert_eq!(catchup_failure_state("the primary refused: snapshot 3 expired; start a new one"), "error");
     }
 
     #[test]
