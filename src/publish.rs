@@ -733,6 +733,16 @@ fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
         }
         return Err(io::Error::other("the log holds no base image yet"));
     };
+    // Pages past the database's last size are dropped at the end: they need no
+    // slot. And the generation's base image holds every page, so a size larger
+    // than the log could hold is damage, refused before it sizes an allocation.
+    let keep = last.db_pages as usize;
+    let room = index.log_len() / last.page_size.max(512) as u64 + 1;
+    if keep as u64 > room {
+        return Err(io::Error::other(format!(
+            "the log is damaged: its last commit says the database has {keep} pages, more than the log holds ({room})"
+        )));
+    }
     let mut t = index.tail.clone();
     t.pos = start;
     let mut pages: Vec<u64> = Vec::new();
@@ -740,7 +750,7 @@ fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
     while t.pos.last_frame_no < last.last_frame_no {
         let Some(u) = t.next_unit()? else { break };
         t.read_frames(&u, u.first_frame_no, u.commit.last_frame_no, |fh, _| {
-            let Some(i) = (fh.page_no as usize).checked_sub(1) else { return Ok(true) };
+            let Some(i) = (fh.page_no as usize).checked_sub(1).filter(|i| *i < keep) else { return Ok(true) };
             if i >= pages.len() {
                 pages.resize(i + 1, 0);
             }
@@ -827,5 +837,37 @@ mod tests {
         assert_eq!(ask(&index, 1, sums[0]), "frames 39");
         assert!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])).contains("still indexing"));
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
+
+    #[test]
+    fn a_snapshot_never_sizes_its_page_table_from_damaged_page_numbers() {
+        let dir = std::env::temp_dir().join(format!("walcast-snaptest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let snapshot = |size_after: u32| {
+            let _ = std::fs::remove_file(&p);
+            let mut w = LogWriter::create(&p, [5; 16]).unwrap();
+            w.begin_generation(512, "test").unwrap();
+            w.add_frame(1, 0, &[1; 512]).unwrap();
+            // A page number far past the database (a damaged frame header).
+            w.add_frame(0x7fff_ffff, 0, &[2; 512]).unwrap();
+            w.add_frame(2, size_after, &[3; 512]).unwrap();
+            w.commit(size_after, None).unwrap();
+            w.sync().unwrap();
+            let mut server = CatchupServer::open(&p).unwrap();
+            let reply = server.handle(&wire::req_snapshot([5; 16], 1), &PublishStats::default());
+            let Ok((_, body)) = wire::decode(&reply) else { panic!("malformed reply") };
+            match body {
+                Body::Snapshot { db_pages, .. } => format!("snapshot of {db_pages} pages"),
+                Body::Error { reason } => reason.to_string(),
+                _ => panic!("unexpected reply"),
+            }
+        };
+        // Ignored: it lies past the database's size (a slot for it would be 16 GiB).
+        assert_eq!(snapshot(2), "snapshot of 2 pages");
+        // A size the log cannot hold is refused, not allocated.
+        let reason = snapshot(0x7fff_ffff);
+        assert!(reason.contains("the log is damaged") && reason.contains("2147483647 pages"), "{reason}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
