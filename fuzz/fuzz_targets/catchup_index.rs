@@ -17,13 +17,20 @@ fn still_indexing(reply: &[u8]) -> bool {
     matches!(wire::decode(reply), Ok((_, Body::Error { reason })) if reason.contains("still indexing"))
 }
 
-/// A reply with its snapshot id zeroed: ids differ between servers.
+/// A reply without its snapshot id (ids differ between servers), pages as CRCs.
 fn without_snapshot_id(reply: &[u8]) -> String {
     match wire::decode(reply).unwrap_or_else(|e| panic!("malformed reply: {e}")) {
         (h, Body::Snapshot { frame_no, checksum, page_size, db_pages, .. }) => {
             format!("{h:?} snapshot {frame_no} {checksum} {page_size} {db_pages}")
         }
-        (h, Body::Pages { next_page, page_size, pages, .. }) => format!("{h:?} pages {next_page} {page_size} {pages:?}"),
+        (h, Body::Pages { next_page, page_size, pages, .. }) => {
+            let pages: Vec<(u32, u64)> = pages.iter().map(|(n, p)| (*n, walcast_fuzz::crc(p))).collect();
+            format!("{h:?} pages {next_page} {page_size} {pages:?}")
+        }
+        (h, Body::Frames { primary_last, page_size, frames }) => {
+            let frames: Vec<(u64, u32, u32, u64)> = frames.iter().map(|(f, _)| (f.frame_no, f.page_no, f.size_after, f.checksum)).collect();
+            format!("{h:?} frames {primary_last} {page_size} {frames:?}")
+        }
         (h, body) => format!("{h:?} {body:?}"),
     }
 }
@@ -39,6 +46,8 @@ fuzz_target!(|data: &[u8]| {
     let frames: Vec<(u64, u64)> = sample.checksums.iter().map(|(n, c)| (*n, *c)).collect();
     let mut parts = CatchupServer::open_in_steps(path, step).unwrap();
     let mut whole = CatchupServer::open_in_steps(path, u64::MAX).unwrap();
+    // Walking back stops at a generation record: index the older part now.
+    whole.idle();
     let stats = PublishStats::default();
     let mut snapshots: Option<(u64, u64)> = None;
     for op in ops.chunks_exact(3).take(48) {
@@ -52,7 +61,14 @@ fuzz_target!(|data: &[u8]| {
                 let db_id = if op[2] & 2 == 0 { SAMPLE_DB_ID } else { [0; 16] };
                 let req = wire::req_frames(db_id, 0, n, c);
                 let (a, b) = (parts.handle(&req, &stats), whole.handle(&req, &stats));
-                assert!(a == b || still_indexing(&a), "frames after {n}: {} vs {}", without_snapshot_id(&a), without_snapshot_id(&b));
+                // A request's time budget for indexing is 200 ms, which a loaded
+                // machine can take away: "still indexing" is then a right answer.
+                assert!(
+                    a == b || still_indexing(&a),
+                    "frames after {n}: {} vs {}",
+                    without_snapshot_id(&a),
+                    without_snapshot_id(&b)
+                );
             }
             _ => {
                 let Some((ia, ib)) = snapshots.filter(|_| op[1] & 1 == 1) else {
