@@ -61,8 +61,11 @@ netfaults: test-deps build
 # readers checking invariants throughout; `make test` runs 4 of each. Figures go
 # to torture-report.jsonl, a failing run's files to torture-failures/.
 TORTURE_ITERATIONS ?= 200
+# The primary's log is first grown to this many GB: restarts then face a long log.
+TORTURE_LOG_GB ?= 5
 torture: test-deps build
-	WALCAST_TORTURE_ITERATIONS=$(TORTURE_ITERATIONS) WALCAST_TORTURE_REPORT=torture-report.jsonl \
+	WALCAST_TORTURE_ITERATIONS=$(TORTURE_ITERATIONS) WALCAST_TORTURE_LOG_GB=$(TORTURE_LOG_GB) \
+		WALCAST_TORTURE_REPORT=torture-report.jsonl \
 		$(PYTHON) -m pytest -q -s tests/test_torture.py
 
 # The benchmark harness at full scale (BENCH_SCALE=full; about 20 minutes on 2

@@ -21,6 +21,8 @@ Environment:
 - WALCAST_TORTURE_KEEP: where a failing test's databases, logs and stderr are
   copied (default torture-failures/ at the repository root).
 - WALCAST_TORTURE_REPORT: a file the figures of each test are appended to (JSON lines).
+- WALCAST_TORTURE_LOG_GB: before the primary kills, grow the primary's log to
+  this many GB (default 0; `make torture`: 5), so that restarts face a long log.
 """
 import contextlib
 import json
@@ -41,6 +43,7 @@ ITERATIONS = int(os.environ.get("WALCAST_TORTURE_ITERATIONS", "4"))
 SEED = int(os.environ.get("WALCAST_TORTURE_SEED", "11"))
 KEEP = os.environ.get("WALCAST_TORTURE_KEEP") or os.path.join(wc.ROOT, "torture-failures")
 REPORT = os.environ.get("WALCAST_TORTURE_REPORT")
+LOG_GB = float(os.environ.get("WALCAST_TORTURE_LOG_GB", "0"))
 BOUND_S = 2.0  # the issue's convergence bound
 READER = os.path.join(wc.HERE, "torture_reader.py")
 
@@ -230,6 +233,15 @@ def keep_small(node, db, limit=8 << 20):
         node.rows(stmt)
 
 
+def grow_log(node, log, gb):
+    """Commits 64 MB transactions into the bulk table t, each followed by
+    emptying it, until the log holds `gb` GB: all captured and replicated."""
+    while os.path.getsize(log) < gb * (1 << 30):
+        node.rows("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 16000) "
+                  "INSERT INTO t(k, v) SELECT x, randomblob(4000) FROM c")
+        node.rows("DELETE FROM t")
+
+
 def test_primary_writer_killed(cluster, tmp_path, port, cleanup):
     """kill -9 of the only walcast process that has the primary open: the
     workload writer, which is also the publisher (so a kill sometimes lands in
@@ -248,8 +260,10 @@ def test_primary_writer_killed(cluster, tmp_path, port, cleanup):
     with kept_on_failure(tmp, cluster, "primary-killed"):
         pn = cluster.node(primary, name="primary-setup")
         nodes = {r1: cluster.replica(r1, port, name="replica1"), r2: cluster.replica(r2, port, name="replica2")}
+        grow_log(pn, primary + "-walcast", LOG_GB)
         n = int(pn.rows("SELECT walcast_frame_no()")[0][0])
         wait_applied(nodes.values(), n, time.monotonic())
+        fig["log_bytes_at_start"] = os.path.getsize(primary + "-walcast")
         # Bootstrap counters are per process: the first snapshot of the original nodes.
         baseline = {nd.name: nd.status()["bootstraps"] for nd in nodes.values()}
         pn.close()
@@ -314,6 +328,7 @@ def test_primary_writer_killed(cluster, tmp_path, port, cleanup):
         pn = cluster.node(primary, name="primary-last")
         assert_present(all_acked, [primary, r1, r2], "after the run", fig)
         fig["generations"] = json.loads(pn.rows("PRAGMA walcast_status")[0][0])["generation"]
+        fig["log_bytes_at_end"] = os.path.getsize(primary + "-walcast")
         fig["bootstraps_after_first"] = sum(nd.status()["bootstraps"] - baseline.get(nd.name, 0)
                                             for nd in nodes.values())
         fig["readers"] = readers.stop()
