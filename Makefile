@@ -95,9 +95,10 @@ fuzz: fuzz-deps fuzz-seeds
 	     -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=1024 -malloc_limit_mb=256 -timeout=10) || exit 1; \
 	done
 
-# Seed inputs (real messages and log files) for every target, in fuzz/corpus/.
+# Seed inputs (real messages and log files) for every target, in fuzz/corpus/,
+# and the inputs of every crash found so far (fuzz/regressions/<target>/).
 fuzz-seeds:
-	cd fuzz && $(CARGO) run --release --bin make_seeds -- corpus
+	cd fuzz && $(CARGO) run --release --bin make_seeds -- corpus && cp -r regressions/. corpus/
 
 fuzz-deps:
 	WALCAST_NEED_FUZZ=1 bash scripts/install-deps.sh

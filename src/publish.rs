@@ -620,7 +620,7 @@ impl CatchupServer {
 /// Whether `msg` asks for something in the part of the log not indexed yet.
 fn needs_older(index: &Index, msg: &[u8]) -> bool {
     match wire::decode(msg) {
-        Ok((_, Body::ReqFrames { after_frame_no, .. })) => index.not_yet(after_frame_no + 1).is_some(),
+        Ok((_, Body::ReqFrames { after_frame_no, .. })) => after_frame_no.checked_add(1).is_some_and(|f| index.not_yet(f).is_some()),
         Ok((_, Body::ReqSnapshot)) => index.gen_start.is_none(),
         _ => false,
     }
@@ -759,6 +759,13 @@ fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
         })?;
         end = t.pos;
     }
+    // The index read these units before: only damage makes them differ now.
+    if end.last_frame_no != last.last_frame_no || !(512..=65536).contains(&end.page_size) || !end.page_size.is_power_of_two() {
+        return Err(io::Error::other(format!(
+            "the log is damaged: reading the current generation again ended at frame_no {} (page size {}), not at {}",
+            end.last_frame_no, end.page_size, last.last_frame_no
+        )));
+    }
     pages.truncate(end.db_pages as usize);
     Ok(Snapshot {
         id,
@@ -836,6 +843,10 @@ mod tests {
         assert!(index.refresh(u64::MAX, false).unwrap());
         assert_eq!(ask(&index, 1, sums[0]), "frames 39");
         assert!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])).contains("still indexing"));
+        // The frame after u64::MAX is nowhere, in the older part least of all
+        // (found by fuzzing: it overflowed to frame 0).
+        assert!(!needs_older(&index, &wire::req_frames([5; 16], 1, u64::MAX, 0)));
+        assert!(needs_older(&index, &wire::req_frames([5; 16], 1, 0, 0)));
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 
