@@ -78,6 +78,9 @@ pub struct Shared {
     config_seq: AtomicU64,
     stop: AtomicBool,
     wake: (crossbeam_channel::Sender<()>, crossbeam_channel::Receiver<()>),
+    /// The session's sockets, closed by `stop` so that a call waiting for an
+    /// unreachable primary (up to 5 s) does not hold up a promotion.
+    sockets: Mutex<Option<crate::transport::SocketCloser>>,
 }
 
 impl Shared {
@@ -90,6 +93,7 @@ impl Shared {
             config_seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             wake: crossbeam_channel::bounded(1),
+            sockets: Mutex::new(None),
         })
     }
 
@@ -106,6 +110,9 @@ impl Shared {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.poke();
+        if let Some(s) = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            s.close();
+        }
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -459,6 +466,10 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             }
         };
         let _ = nng::options::Options::set_opt::<nng::options::RecvTimeout>(&socks.subscribe, Some(Duration::from_millis(100)));
+        *self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()) = Some(socks.closer());
+        if self.shared.stop.load(Ordering::Acquire) {
+            return; // stopped before the sockets could be closed
+        }
         if let Err(e) = self.open_files() {
             set_error(self.shared, "error", e);
             let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
@@ -476,6 +487,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 let r = self.catch_up(&socks, &ep);
                 match r {
                     Ok(()) => self.need_catchup = false,
+                    Err(_) if self.shared.stop.load(Ordering::Acquire) => break, // sockets closed by stop
                     Err(e) => {
                         set_error(self.shared, catchup_failure_state(&e), e);
                         retry_at = Instant::now() + if self.refused { Duration::from_secs(2) } else { Duration::from_millis(500) };
@@ -486,6 +498,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             match socks.subscribe.recv() {
                 Ok(msg) => self.receive(&socks, msg.as_slice()),
                 Err(nng::Error::TimedOut) => {}
+                Err(_) if self.shared.stop.load(Ordering::Acquire) => break,
                 Err(e) => {
                     set_error(self.shared, "disconnected", format!("receive failed: {e}"));
                     std::thread::sleep(Duration::from_millis(100));
@@ -493,6 +506,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             }
             self.housekeeping(socks.connected.load(Ordering::Acquire) == 0);
         }
+        *self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.shutdown();
     }
 

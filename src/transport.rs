@@ -179,7 +179,24 @@ pub struct ReplicaSockets {
     damaged: std::sync::Mutex<(u64, Option<String>)>,
 }
 
+/// Closes a replica's sockets from another thread: a receive or a catch-up
+/// call blocked on an unreachable primary returns at once.
+#[derive(Clone)]
+pub struct SocketCloser(Vec<Socket>);
+
+impl SocketCloser {
+    pub fn close(&self) {
+        for s in &self.0 {
+            s.close();
+        }
+    }
+}
+
 impl ReplicaSockets {
+    pub fn closer(&self) -> SocketCloser {
+        SocketCloser(vec![self.subscribe.clone(), self.request.clone()])
+    }
+
     pub fn dial(ep: &Endpoint, sealer: Sealer) -> Result<ReplicaSockets, String> {
         let subscribe = Socket::new(Protocol::Sub0).map_err(|e| nng_err("cannot create a SUB socket for", &ep.url, e))?;
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;

@@ -11,6 +11,7 @@
 """
 import glob
 import os
+import time
 
 import wc
 from test_replica import T_SCHEMA, cluster, commit_many, summary, tcp  # noqa: F401 (fixture)
@@ -135,3 +136,76 @@ def test_promotion_from_another_process_stops_the_applier(cluster, tmp_path):
     assert n > int(out[1])
     verify = wc.shell(f"SELECT walcast_verify('{r_db}');", db=r_db).stdout
     assert '"ok":true' in verify.replace(" ", ""), verify
+
+
+
+class UnresponsivePrimary:
+    """A catch-up endpoint that completes NNG's connection handshake as a REP
+    socket would (so that the request goes out) and then never answers: a
+    primary that hangs. `received` counts the bytes received after the handshake."""
+
+    def __init__(self, port):
+        import socket
+        import threading
+        self.received = 0
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", port))
+        self.srv.listen(8)
+        self.conns = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import threading
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._hold, args=(c,), daemon=True).start()
+
+    def _hold(self, c):
+        try:
+            c.recv(8)  # the REQ side's SP header
+            c.sendall(bytes([0, ord("S"), ord("P"), 0, 0, 0x31, 0, 0]))  # REP0
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    return
+                self.received += len(b)
+        except OSError:
+            return
+
+    def close(self):
+        self.srv.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_promotion_does_not_wait_for_an_unresponsive_primary(cluster, tmp_path):
+    """The replica's catch-up request goes to a primary that hangs (connected,
+    never answering). Promotion stops the replica's session by closing its
+    sockets: it does not wait out the request's 5 s timeout."""
+    tmp = str(tmp_path)
+    p_db, r_db = os.path.join(tmp, "p.db"), os.path.join(tmp, "r.db")
+    port = wc.free_port_pair()
+    pn = cluster.primary(p_db, port)
+    commit_many(p_db, 20)
+    r = cluster.replica(r_db, port)
+    cluster.converge(p_db, r_db)
+    pn.close()
+    hung_port = wc.free_port_pair()
+    hung = UnresponsivePrimary(hung_port + 1)
+    try:
+        # A new session starts with a catch-up request, which waits for a reply.
+        rows(r, f"PRAGMA walcast_endpoint = '{tcp(hung_port)}'")
+        wc.wait_for(lambda: hung.received > 0, timeout=10, what="the catch-up request reaching the hung primary")
+        t0 = time.monotonic()
+        assert rows(r, "PRAGMA walcast_role = 'primary'") == [["primary"]]
+        took = time.monotonic() - t0
+    finally:
+        hung.close()
+    print(f"promotion with the catch-up request waiting on a hung primary took {took:.3f} s")
+    assert took < 2.5, f"promotion waited {took:.1f} s for the hung primary"
+    assert r.status()["term"] == 1
