@@ -13,7 +13,7 @@
 //! - `conf`: the role and identity file beside the database.
 //! - `wire`: the message format; `seal`: optional authenticated encryption of
 //!   messages; `transport`: NNG sockets and endpoints.
-//! - `sql`: the SQL functions.
+//! - `sql`: the SQL functions; `status`: status files for other processes.
 //! - `vfs`: the `walcast` VFS callbacks, the API pointer, the entry point glue.
 
 pub mod apply;
@@ -31,6 +31,7 @@ pub mod replica;
 pub mod restore;
 pub mod seal;
 pub mod sql;
+pub mod status;
 pub mod transport;
 pub mod vfs;
 pub mod wal;

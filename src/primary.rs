@@ -251,6 +251,29 @@ fn key_state(db_path: &str) -> String {
     }
 }
 
+/// The figures of the process that publishes, from its status file; a
+/// status it stopped refreshing means no process publishes now.
+fn add_publisher_status(v: &mut serde_json::Value, db_path: &str, own_error: Option<String>) {
+    match crate::status::read(&crate::publish::status_path(db_path)) {
+        Some((s, Some(age))) if age <= crate::status::STALE_MS && s["publishing"] == true => {
+            for k in ["publisher_pid", "replicas", "published_frame_no", "snapshots_served"] {
+                v[k] = s[k].clone();
+            }
+            v["publish_error"] = s["publish_error"].clone();
+        }
+        last => {
+            v["publisher_pid"] = serde_json::Value::Null;
+            v["replicas"] = 0.into(); // nothing listens for them
+            let why = last.and_then(|(s, _)| s["publish_error"].as_str().map(str::to_string)).or(own_error);
+            v["publish_error"] = match why {
+                Some(e) => format!("no process publishes this database now; the last failure: {e}"),
+                None => "no process publishes this database now (a process that has it open with walcast loaded publishes)".into(),
+            }
+            .into();
+        }
+    }
+}
+
 fn add_key_status(v: &mut serde_json::Value, db_path: &str) {
     match crate::seal::Sealer::load(db_path) {
         Ok(s) => {
@@ -886,12 +909,18 @@ impl DbState {
         if let Some(p) = &g.publisher {
             v["endpoint"] = p.endpoint.url.clone().into();
             v["catchup_endpoint"] = p.endpoint.catchup.clone().into();
-            v["publishing"] = p.stats.listening.load(Ordering::Acquire).into();
-            v["replicas"] = p.stats.replicas.load(Ordering::Acquire).into();
-            v["published_frame_no"] = p.stats.published_frame_no.load(Ordering::Acquire).into();
-            v["snapshots_served"] = p.stats.snapshots_served.load(Ordering::Acquire).into();
-            if let Some(e) = p.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-                v["publish_error"] = e.into();
+            let own_error = p.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if p.stats.listening.load(Ordering::Acquire) {
+                v["publishing"] = true.into();
+                v["publisher_pid"] = std::process::id().into();
+                v["replicas"] = p.stats.replicas.load(Ordering::Acquire).into();
+                v["published_frame_no"] = p.stats.published_frame_no.load(Ordering::Acquire).into();
+                v["snapshots_served"] = p.stats.snapshots_served.load(Ordering::Acquire).into();
+                v["publish_error"] = own_error.into();
+            } else {
+                // Another process publishes: its figures come from its status file.
+                v["publishing"] = false.into();
+                add_publisher_status(&mut v, &self.db_path, own_error);
             }
         } else {
             v["endpoint"] = conf.and_then(|c| c.endpoint).into();

@@ -27,6 +27,8 @@ const BEAT_AFTER_ACTIVITY: Duration = Duration::from_millis(20);
 const COALESCE: Duration = Duration::from_micros(200);
 /// How often the publisher looks at the log without being woken.
 const POLL: Duration = Duration::from_millis(10);
+/// How often the publisher rewrites its status file.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// One index entry per this many log bytes (plus one per generation).
 const INDEX_STRIDE: u64 = 256 << 10;
 /// Log bytes indexed per step.
@@ -93,6 +95,27 @@ fn conf_says_primary(db_path: &str) -> bool {
     crate::conf::Conf::load(&path).map_or(true, |c| c.role == crate::conf::Role::Primary)
 }
 
+/// `<db>-walcast-pub-status`: the publishing process's figures, for the other
+/// processes' status (only one process publishes; each has its own memory).
+pub fn status_path(db_path: &str) -> PathBuf {
+    PathBuf::from(format!("{db_path}-walcast-pub-status"))
+}
+
+fn write_status(name: &str, ep: &Endpoint, stats: &PublishStats) {
+    let v = serde_json::json!({
+        "publisher_pid": std::process::id(),
+        "endpoint": ep.url,
+        "catchup_endpoint": ep.catchup,
+        "publishing": stats.listening.load(Ordering::Acquire),
+        "replicas": stats.replicas.load(Ordering::Acquire),
+        "published_frame_no": stats.published_frame_no.load(Ordering::Acquire),
+        "snapshots_served": stats.snapshots_served.load(Ordering::Acquire),
+        "publish_error": stats.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        "updated_unix_ms": crate::log::now_ms(),
+    });
+    crate::status::write(&status_path(name), &v);
+}
+
 fn set_error(stats: &PublishStats, name: &str, e: Option<String>) {
     let mut g = stats.last_error.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(m) = &e {
@@ -151,6 +174,7 @@ fn publisher_thread(
         Ok(s) => s,
         Err(e) => {
             set_error(stats, name, Some(e));
+            write_status(name, ep, stats);
             drop(lock);
             let _ = rx.recv_timeout(Duration::from_secs(1));
             return;
@@ -182,6 +206,8 @@ fn publisher_thread(
     let replicas = sockets.replicas.clone();
     stats.listening.store(true, Ordering::Release);
     stats.published_frame_no.store(tail.pos.last_frame_no, Ordering::Release);
+    write_status(name, ep, stats);
+    let mut last_status_write = Instant::now();
 
     let server_stop = Arc::new(AtomicBool::new(false));
     let server = {
@@ -254,12 +280,17 @@ fn publisher_thread(
             last_beat = Instant::now();
             beat_owed = false;
         }
+        if last_status_write.elapsed() >= STATUS_EVERY {
+            write_status(name, ep, stats);
+            last_status_write = Instant::now();
+        }
     }
     server_stop.store(true, Ordering::Release);
     if let Ok(t) = server {
         let _ = t.join();
     }
     stats.listening.store(false, Ordering::Release);
+    write_status(name, ep, stats);
     drop(sockets);
     drop(lock);
 }

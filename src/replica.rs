@@ -158,16 +158,14 @@ impl Shared {
         let st = self.status();
         if !st.applier {
             // Another process applies: report what it last wrote.
-            let mut v = std::fs::read(status_path(&self.db_path))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .unwrap_or_else(|| serde_json::json!({"role": "replica", "state": "disconnected", "last_error": "no process applies to this replica now"}));
+            let (mut v, age) = crate::status::read(&status_path(&self.db_path)).unwrap_or_else(|| {
+                (serde_json::json!({"role": "replica", "state": "disconnected", "last_error": "no process applies to this replica now"}), None)
+            });
             if let Some((p, _)) = load_position(&position_path(&self.db_path)) {
                 v["applied_frame_no"] = p.frame_no.into();
             }
             // A status the applier stopped refreshing is history, not news.
-            let age = now_ms().saturating_sub(v["updated_unix_ms"].as_u64().unwrap_or(0));
-            if v["updated_unix_ms"].is_u64() && age > 3000 {
+            if let Some(age) = age.filter(|a| *a > crate::status::STALE_MS) {
                 v["state"] = "disconnected".into();
                 v["last_error"] =
                     format!("no process has applied to this replica for {} s (open it with walcast loaded to resume)", age / 1000).into();
@@ -1030,25 +1028,8 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     fn write_status(&mut self) {
         self.last_status_write = Instant::now();
         let v = status_value(&self.shared.status(), self.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let path = status_path(self.db());
-        let tmp = path.with_extension("walcast-status-tmp");
-        let text = v.to_string();
-        if std::fs::write(&tmp, &text).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-            return;
-        }
-        let _ = std::fs::remove_file(&tmp);
-        // A full disk has no room for a new file, and the status must still say
-        // why apply stopped: overwrite the old file in place (its blocks exist),
-        // padded with spaces, which JSON ignores, to the old length.
-        if let Ok(f) = File::options().write(true).open(&path) {
-            let old_len = f.metadata().map_or(0, |m| m.len() as usize);
-            let mut b = text.into_bytes();
-            if b.len() < old_len {
-                b.resize(old_len, b' ');
-            }
-            let _ = f.write_all_at(&b, 0);
-        }
+        // On a full disk too: the status must still say why apply stopped.
+        crate::status::write(&status_path(self.db()), &v);
     }
 
     /// Leaves a position that survives a machine restart: the WAL is synced up

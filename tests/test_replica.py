@@ -248,6 +248,10 @@ def test_workload_converges_byte_identical(cluster, tmp_path, page_size, seed, w
     wc.wait_for(lambda: pn.status().get("replicas", 0) == 2, timeout=10, what=f"replicas == 2: {pn.status()}")
     wc.wait_for(lambda: pn.status().get("published_frame_no") == n2, timeout=10,
                 what=f"published_frame_no == {n2}: {pn.status()}")
+    # So does any other process's status, from the publisher's status file.
+    other = wc.status(primary)
+    assert other["publishing"] is False and other["publisher_pid"] == pn.pid, other
+    assert other["replicas"] == 2 and other["published_frame_no"] == n2 and other["publish_error"] is None, other
 
 
 # --- 2. late join ----------------------------------------------------------------
@@ -345,6 +349,33 @@ def test_replica_killed_while_applying(cluster, tmp_path, port, readers):
 
 
 # --- 4. primary restart ----------------------------------------------------------
+
+def test_primary_that_cannot_listen_says_so_in_every_process(cluster, tmp_path, port):
+    """Another program holds the primary's tcp port: the publishing process
+    cannot listen, and every process's status says so, not only its own."""
+    import socket
+    db = os.path.join(str(tmp_path), "primary.db")
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen(1)
+    try:
+        pn = cluster.primary(db, port)
+        st = wc.wait_for(lambda: (lambda s: s if str(port) in (s.get("publish_error") or "") else None)(pn.status()),
+                         timeout=10,
+                         what=f"the publisher's error in its own status: {pn.status()}")
+        assert st["publishing"] is False and st["replicas"] == 0 and str(port) in st["publish_error"], st
+        other = wc.status(db)
+        assert other["publisher_pid"] is None, other
+        assert other["publish_error"].startswith("no process publishes this database now"), other
+        assert str(port) in other["publish_error"], other
+        print(f"another process's status: {other['publish_error']}")
+    finally:
+        squatter.close()
+    # Once the port is free, the node publishes, and says so everywhere.
+    wc.wait_for(lambda: wc.status(db).get("publisher_pid") == pn.pid, timeout=15,
+                what=f"the node publishing once the port is free: {wc.status(db)}")
+
 
 def test_primary_restart_replica_reconnects(cluster, tmp_path, port):
     tmp = str(tmp_path)
