@@ -19,6 +19,17 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 
+
+/// `<path>.tmp`: where a file beside the database is written before it is
+/// renamed over `path`. Named after the whole name: `with_extension` would cut
+/// it at the first dot, so that `app.db-...` and `app.sqlite-...` would share
+/// one temporary file, and one database could get the other's file.
+pub fn temp_beside(path: &Path) -> std::path::PathBuf {
+    let mut t = path.as_os_str().to_owned();
+    t.push(".tmp");
+    t.into()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Off,
@@ -119,7 +130,7 @@ impl Conf {
         if self.promoting {
             text.push_str("promoting=1\n");
         }
-        let tmp = path.with_extension("walcast-conf-tmp");
+        let tmp = temp_beside(path);
         {
             let mut f = File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
@@ -147,6 +158,14 @@ pub fn random_id() -> io::Result<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn databases_that_differ_after_the_first_dot_get_their_own_temporary_files() {
+        let a = temp_beside(Path::new("/d/app.db-walcast-conf"));
+        let b = temp_beside(Path::new("/d/app.sqlite-walcast-conf"));
+        assert_eq!(a, Path::new("/d/app.db-walcast-conf.tmp"));
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn round_trip_and_bad_values() {

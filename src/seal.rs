@@ -160,7 +160,7 @@ pub fn store_key(db_path: &str, key: Option<&[u8; 32]>) -> std::io::Result<()> {
             _ => Ok(()),
         };
     };
-    let tmp = path.with_extension("walcast-key-tmp");
+    let tmp = crate::conf::temp_beside(&path);
     let _ = std::fs::remove_file(&tmp);
     {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;

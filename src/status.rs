@@ -14,7 +14,7 @@ pub const STALE_MS: u64 = 3000;
 /// and a rename). On a full disk, where no new file fits, overwrites the old
 /// one in place (its blocks exist), padded with spaces, which JSON ignores.
 pub fn write(path: &Path, v: &serde_json::Value) {
-    let tmp = path.with_extension("walcast-status-tmp");
+    let tmp = crate::conf::temp_beside(path);
     let text = v.to_string();
     if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, path).is_ok() {
         return;
@@ -52,6 +52,8 @@ mod tests {
         let p = d.join("x.db-walcast-status");
         assert!(read(&p).is_none());
         write(&p, &serde_json::json!({"state": "streaming", "updated_unix_ms": crate::log::now_ms()}));
+        let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["x.db-walcast-status"], "no temporary file left, none named after x alone");
         let (v, age) = read(&p).unwrap();
         assert_eq!(v["state"], "streaming");
         assert!(age.unwrap() < STALE_MS);
