@@ -131,6 +131,10 @@ pub fn term_of(generation: u64) -> u64 {
 
 /// The base generation of a log that a promotion starts after `generation`:
 /// its first generation record is then term + 1, n = 1.
+/// The largest generation a log header may record: 2^30 terms of 2^32
+/// generations, and no arithmetic on it can overflow.
+pub const MAX_GENERATION: u64 = 1 << 62;
+
 pub fn next_term_base(generation: u64) -> u64 {
     (term_of(generation) + 1) << TERM_SHIFT
 }
@@ -327,6 +331,9 @@ fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState, LogState), SlotP
     }
     if id.first_frame_no == 0 || id.first_frame_no > MAX_FRAME_NO {
         return Err(SlotProblem::Malformed("first frame_no out of range"));
+    }
+    if id.base_generation > MAX_GENERATION || state.generation > MAX_GENERATION || tail.generation > MAX_GENERATION {
+        return Err(SlotProblem::Malformed("generation out of range"));
     }
     for s in [&state, &tail] {
         if s.last_frame_no > MAX_FRAME_NO || s.last_frame_no + 1 < id.first_frame_no {
@@ -708,7 +715,7 @@ where
                     unix_ms: u64_at(&fixed, 20),
                     reason: String::from_utf8_lossy(&rest[..reason_len]).into_owned(),
                 };
-                if g.generation != run.generation + 1 || g.first_frame_no != run.last_frame_no + 1 {
+                if run.generation.checked_add(1) != Some(g.generation) || run.last_frame_no.checked_add(1) != Some(g.first_frame_no) {
                     return Err(corrupt(
                         run.last_frame_no,
                         rec_off,
@@ -1210,6 +1217,22 @@ mod tests {
         let (st, end) = LogFile::open(&p).unwrap().scan_all(|_, _, _| Ok(())).unwrap();
         assert_eq!((st.last_frame_no, st.generation), (42, (3 << 32) | 1));
         assert!(matches!(end, ScanEnd::Clean));
+    }
+
+    #[test]
+    fn generations_past_the_limit_are_refused_in_the_header() {
+        // Found by fuzzing: a generation record after generation u64::MAX
+        // overflowed the scan. The header now bounds generations.
+        let p = tmp("last-term");
+        let ok = LogIdentity::continuing([7u8; 16], MAX_GENERATION - (2 << 32), 1, 2);
+        assert!(ok.base_generation <= MAX_GENERATION);
+        LogWriter::create_with(&p, ok).unwrap();
+        assert!(LogFile::open(&p).is_ok());
+        let past = LogIdentity::continuing([7u8; 16], MAX_GENERATION, 1, 2);
+        std::fs::remove_file(&p).unwrap();
+        LogWriter::create_with(&p, past).unwrap();
+        let e = LogFile::open(&p).err().expect("a base generation past the limit is refused").to_string();
+        assert!(e.contains("generation out of range"), "{e}");
     }
 
     fn sample(path: &Path) -> LogWriter {

@@ -573,6 +573,9 @@ impl DbState {
             return undo(g, &mut c, "it has no applied position (it never completed a bootstrap)".into());
         };
         let id = crate::log::LogIdentity::continuing(pos.db_id, pos.generation, pos.frame_no, pos.checksum);
+        if id.base_generation > crate::log::MAX_GENERATION {
+            return undo(g, &mut c, format!("its generation {} is at the last term a log can record", pos.generation));
+        }
         // Created beside, then renamed: a crash leaves either no log or a whole one.
         let tmp = PathBuf::from(format!("{}.promoting", self.log_path.display()));
         let _ = std::fs::remove_file(&tmp);

@@ -348,6 +348,9 @@ pub fn decode(msg: &[u8]) -> Result<(Header, Body<'_>), DecodeError> {
         db_id: msg[8..24].try_into().unwrap(),
         generation: u64::from_le_bytes(msg[24..32].try_into().unwrap()),
     };
+    if h.generation > crate::log::MAX_GENERATION {
+        return Err(DecodeError(format!("generation {} is out of range", h.generation)));
+    }
     let mut r = Reader { b: &msg[HEADER_LEN..body_end], at: 0 };
     let body = match h.kind {
         KIND_FRAMES => {
@@ -474,5 +477,10 @@ mod tests {
         let mut b = Builder::new(&Header { kind: KIND_FRAMES, flags: 0, db_id: [0; 16], generation: 0 }, 16);
         b.u64(1).u32(3000).u32(0);
         assert!(decode(&b.finish()).unwrap_err().0.contains("page size"));
+        // A generation no arithmetic may overflow on (promotion adds a term to it).
+        let hb = |g| heartbeat([1; 16], g, 5, 6, 7);
+        assert!(decode(&hb(crate::log::MAX_GENERATION)).is_ok());
+        assert!(decode(&hb(crate::log::MAX_GENERATION + 1)).unwrap_err().0.contains("generation"));
+        assert!(decode(&hb(u64::MAX)).is_err());
     }
 }
