@@ -715,7 +715,10 @@ where
                     unix_ms: u64_at(&fixed, 20),
                     reason: String::from_utf8_lossy(&rest[..reason_len]).into_owned(),
                 };
-                if run.generation.checked_add(1) != Some(g.generation) || run.last_frame_no.checked_add(1) != Some(g.first_frame_no) {
+                if run.generation.checked_add(1) != Some(g.generation)
+                    || g.generation > MAX_GENERATION
+                    || run.last_frame_no.checked_add(1) != Some(g.first_frame_no)
+                {
                     return Err(corrupt(
                         run.last_frame_no,
                         rec_off,

@@ -216,6 +216,9 @@ impl LogTail {
                         return Err(corrupt(off, "generation record checksum mismatch"));
                     }
                     generation = u64::from_le_bytes(b[1..9].try_into().unwrap());
+                    if generation > log::MAX_GENERATION {
+                        return Err(corrupt(off, format!("generation {generation} is out of range")));
+                    }
                     page_size = u32::from_le_bytes(b[17..21].try_into().unwrap());
                     if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
                         return Err(corrupt(off, format!("invalid page size {page_size}")));
