@@ -129,12 +129,12 @@ pub fn term_of(generation: u64) -> u64 {
     generation >> TERM_SHIFT
 }
 
-/// The base generation of a log that a promotion starts after `generation`:
-/// its first generation record is then term + 1, n = 1.
 /// The largest generation a log header may record: 2^30 terms of 2^32
 /// generations, and no arithmetic on it can overflow.
 pub const MAX_GENERATION: u64 = 1 << 62;
 
+/// The base generation of a log that a promotion starts after `generation`:
+/// its first generation record is then term + 1, n = 1.
 pub fn next_term_base(generation: u64) -> u64 {
     (term_of(generation) + 1) << TERM_SHIFT
 }
