@@ -24,6 +24,11 @@ pub const FRAME_HEADER_LEN: usize = 24;
 /// it can overflow.
 pub const MAX_FRAME_NO: u64 = 1 << 62;
 
+/// A page size SQLite can use: a power of two from 512 to 65536.
+pub fn is_page_size(p: u32) -> bool {
+    (512..=65536).contains(&p) && p.is_power_of_two()
+}
+
 /// Domain separator for the chain seed, so a seed can never equal a frame checksum
 /// computed over the same bytes by accident.
 const CHAIN_SEED_DOMAIN: &[u8] = b"walcast-chain-v1";

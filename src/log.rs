@@ -281,7 +281,7 @@ enum SlotProblem {
 }
 
 fn valid_page_size(p: u32) -> bool {
-    p == 0 || ((512..=65536).contains(&p) && p.is_power_of_two())
+    p == 0 || crate::frame::is_page_size(p)
 }
 
 fn decode_slot(b: &[u8]) -> Result<(LogIdentity, u64, LogState, LogState), SlotProblem> {
@@ -725,7 +725,7 @@ where
                         format!("generation {} out of sequence (after generation {})", g.generation, run.generation),
                     ));
                 }
-                if !(512..=65536).contains(&g.page_size) || !g.page_size.is_power_of_two() {
+                if !crate::frame::is_page_size(g.page_size) {
                     return Err(corrupt(run.last_frame_no, rec_off, format!("invalid page size {}", g.page_size)));
                 }
                 run.generation = g.generation;

@@ -220,7 +220,7 @@ impl LogTail {
                         return Err(corrupt(off, format!("generation {generation} is out of range")));
                     }
                     page_size = u32::from_le_bytes(b[17..21].try_into().unwrap());
-                    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+                    if !crate::frame::is_page_size(page_size) {
                         return Err(corrupt(off, format!("invalid page size {page_size}")));
                     }
                     gen_start = true;

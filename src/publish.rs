@@ -791,7 +791,7 @@ fn build_snapshot(index: &Index, id: u64) -> io::Result<Snapshot> {
         end = t.pos;
     }
     // The index read these units before: only damage makes them differ now.
-    if end.last_frame_no != last.last_frame_no || !(512..=65536).contains(&end.page_size) || !end.page_size.is_power_of_two() {
+    if end.last_frame_no != last.last_frame_no || !crate::frame::is_page_size(end.page_size) {
         return Err(io::Error::other(format!(
             "the log is damaged: reading the current generation again ended at frame_no {} (page size {}), not at {}",
             end.last_frame_no, end.page_size, last.last_frame_no

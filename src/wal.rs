@@ -42,7 +42,7 @@ impl WalHeader {
         let big = magic & 1 == 1;
         let raw_size = be32(b, 8);
         let page_size = if raw_size == 1 { 65536 } else { raw_size };
-        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        if !crate::frame::is_page_size(page_size) {
             return None;
         }
         let cksum = (be32(b, 24), be32(b, 28));

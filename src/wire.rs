@@ -317,7 +317,7 @@ impl<'a> Reader<'a> {
     }
     fn page_size(&mut self) -> Result<u32, DecodeError> {
         let p = self.u32("page size")?;
-        if !(512..=65536).contains(&p) || !p.is_power_of_two() {
+        if !crate::frame::is_page_size(p) {
             return Err(DecodeError(format!("invalid page size {p}")));
         }
         Ok(p)
