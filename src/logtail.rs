@@ -420,12 +420,18 @@ mod tests {
     use super::*;
     use crate::log::LogWriter;
 
-    #[test]
-    fn follows_units_and_ignores_an_unfinished_one() {
-        let dir = std::env::temp_dir().join(format!("walcast-tailtest-{}", std::process::id()));
+    /// A fresh log path in a directory of this test's own (removed by the test).
+    fn scratch_log(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("t.log");
         let _ = std::fs::remove_file(&p);
+        (dir, p)
+    }
+
+    #[test]
+    fn follows_units_and_ignores_an_unfinished_one() {
+        let (dir, p) = scratch_log("tailtest");
         let mut w = LogWriter::create(&p, [3; 16]).unwrap();
         w.begin_generation(512, "test").unwrap();
         w.add_frame(1, 0, &[1; 512]).unwrap();
@@ -461,10 +467,7 @@ mod tests {
     /// u64::MAX its offsets overflowed.
     #[test]
     fn a_header_past_the_end_of_the_file_is_damage() {
-        let dir = std::env::temp_dir().join(format!("walcast-tailtest3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("t.log");
-        let _ = std::fs::remove_file(&p);
+        let (dir, p) = scratch_log("tailtest3");
         let mut w = LogWriter::create(&p, [5; 16]).unwrap();
         w.begin_generation(512, "test").unwrap();
         w.add_frame(1, 1, &[1; 512]).unwrap();
@@ -489,10 +492,7 @@ mod tests {
     /// test` and in fuzz builds, which check overflow; release builds wrapped).
     #[test]
     fn a_commit_record_at_the_last_frame_no_is_damage() {
-        let dir = std::env::temp_dir().join(format!("walcast-tailtest2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("t.log");
-        let _ = std::fs::remove_file(&p);
+        let (dir, p) = scratch_log("tailtest2");
         let mut w = LogWriter::create(&p, [4; 16]).unwrap();
         w.begin_generation(512, "test").unwrap();
         w.add_frame(1, 1, &[1; 512]).unwrap();
