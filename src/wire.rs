@@ -336,7 +336,7 @@ pub fn decode(msg: &[u8]) -> Result<(Header, Body<'_>), DecodeError> {
         return Err(DecodeError(format!("message of {} bytes is too short", msg.len())));
     }
     if &msg[0..4] != MAGIC {
-        return Err(DecodeError("not a walcast message (bad magic)".into()));
+        return Err(DecodeError("not a walcast message (bad magic: damaged in transit, or another program's)".into()));
     }
     let body_end = msg.len() - TRAILER_LEN;
     if crc(&msg[..body_end]) != u64::from_le_bytes(msg[body_end..].try_into().unwrap()) {
