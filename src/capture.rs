@@ -404,6 +404,9 @@ fn db_header_geometry(db: &dyn DbReader) -> io::Result<Option<(u32, u32)>> {
     }
     let raw = u16::from_be_bytes([h[16], h[17]]) as u32;
     let page_size = if raw == 1 { 65536 } else { raw };
+    if !crate::frame::is_page_size(page_size) {
+        return Err(io::Error::other(format!("the database header has an invalid page size ({raw})")));
+    }
     let change = u32::from_be_bytes(h[24..28].try_into().unwrap());
     let in_header = u32::from_be_bytes(h[28..32].try_into().unwrap());
     let valid_for = u32::from_be_bytes(h[92..96].try_into().unwrap());
@@ -926,5 +929,19 @@ mod tests {
         assert_eq!(log.state.generation, 1);
         let pages = replay(&logp);
         assert_eq!((pages[&1][0], pages[&2][0]), (0xE1, 0xA2));
+    }
+
+    #[test]
+    fn a_database_header_with_an_invalid_page_size_is_an_error() {
+        let d = dir("bad_page_size");
+        let db = d.join("db");
+        for raw in [0u16, 3, 256, 1000] {
+            let mut h = vec![0u8; 4096];
+            h[0..16].copy_from_slice(b"SQLite format 3\0");
+            h[16..18].copy_from_slice(&raw.to_be_bytes());
+            std::fs::write(&db, &h).unwrap();
+            let e = db_header_geometry(&File::open(&db).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(&format!("invalid page size ({raw})")), "{e}");
+        }
     }
 }
