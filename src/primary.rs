@@ -109,6 +109,15 @@ pub struct DbState {
     wal_page_size: std::sync::atomic::AtomicU32,
     claim_path: PathBuf,
     failure_path: PathBuf,
+    /// This process's own SHARED lock on the database file while it captures
+    /// (see `pin_db`).
+    db_pin: Mutex<DbPin>,
+}
+
+#[derive(Default)]
+struct DbPin {
+    handle: Option<PrivateDb>,
+    locked: bool,
 }
 
 struct ReplicaThread {
@@ -184,6 +193,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
                 failure_path: capture_failure::path(db_path),
+                db_pin: Mutex::new(DbPin::default()),
             })
         })
         .clone()
@@ -201,6 +211,8 @@ pub fn on_main_db_open(
     let r = open_main_db(&state, db_path, uri_role, uri_endpoint, readonly);
     if r.is_err() {
         state.main_db_closed();
+    } else {
+        state.pin_db();
     }
     r.map(|_| state)
 }
@@ -298,9 +310,64 @@ impl DbState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// While this process captures the database and has it open, it holds a
+    /// SHARED lock on the file of its own, the lock every connection in WAL mode
+    /// holds from its first read until it closes. Without it, a process without
+    /// walcast that closes its connection while this process's connections have
+    /// not read yet would be the last reader, and would checkpoint and delete the
+    /// WAL behind walcast's back: detected, but a new generation, and a base
+    /// image for every replica.
+    fn pin_db(&self) {
+        if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut pin = self.db_pin.lock().unwrap_or_else(|e| e.into_inner());
+        if pin.locked {
+            return;
+        }
+        if pin.handle.is_none() {
+            match PrivateDb::open(&self.db_path) {
+                Ok(h) => pin.handle = Some(h),
+                Err(_) => return, // capture reports a database it cannot open
+            }
+        }
+        pin.locked = pin.handle.as_ref().is_some_and(|h| h.lock_shared());
+    }
+
+    fn unpin_db(&self) {
+        let mut pin = self.db_pin.lock().unwrap_or_else(|e| e.into_inner());
+        // Closing the handle releases its lock.
+        *pin = DbPin::default();
+    }
+
+    /// A connection of this process asks for an EXCLUSIVE lock on the database
+    /// file (`lock` takes it): to checkpoint and delete the WAL as it closes
+    /// last, or for exclusive locking mode. This process's pin must not stand in
+    /// its way (the unix VFS refuses EXCLUSIVE while another handle of the same
+    /// process holds SHARED), so it is released first, and taken again if the
+    /// lock is refused.
+    pub fn exclusive_db_lock(&self, lock: impl FnOnce() -> i32) -> i32 {
+        let mut pin = self.db_pin.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = pin.handle.as_ref().filter(|_| pin.locked) else {
+            drop(pin);
+            return lock();
+        };
+        h.unlock_db();
+        let rc = lock();
+        pin.locked = rc != ffi::SQLITE_OK && h.lock_shared();
+        rc
+    }
+
+    /// Capture stops in this process (another role, or a fatal error).
+    fn stop_capturing(&self) {
+        self.capturing.store(false, Ordering::Release);
+        self.unpin_db();
+    }
+
     /// A main-database handle of this process on this database was closed.
     pub fn main_db_closed(&self) {
         if self.open_handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.unpin_db();
             // The last one: a replica applier hands over to another process.
             if let Some(r) = self.lock().replica.as_ref() {
                 r.shared.poke();
@@ -327,7 +394,7 @@ impl DbState {
         g.role = Role::Replica;
         g.log = None;
         g.publisher = None;
-        self.capturing.store(false, Ordering::Release);
+        self.stop_capturing();
         self.refusing_writes.store(false, Ordering::Release);
         self.replica_role.store(true, Ordering::Release);
         if let Some(r) = &g.replica {
@@ -388,7 +455,7 @@ impl DbState {
         Streak::failed(&mut g.failure_streak, &self.failure_path, &msg, true, false);
         g.fatal = Some(msg);
         g.log = None;
-        self.capturing.store(false, Ordering::Release);
+        self.stop_capturing();
         self.refusing_writes.store(g.role == Role::Primary, Ordering::Release);
     }
 
@@ -405,7 +472,7 @@ impl DbState {
                     c.role = Role::Off;
                     c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
                 }
-                self.capturing.store(false, Ordering::Release);
+                self.stop_capturing();
                 self.refusing_writes.store(false, Ordering::Release);
                 self.replica_role.store(false, Ordering::Release);
                 g.role = Role::Off;
@@ -475,7 +542,7 @@ impl DbState {
                     Ok(()) => Ok(Role::Primary),
                     Err(e) => {
                         let mut g = self.lock();
-                        self.capturing.store(false, Ordering::Release);
+                        self.stop_capturing();
                         self.refusing_writes.store(false, Ordering::Release);
                         g.role = before.role;
                         g.log = None;
@@ -508,7 +575,7 @@ impl DbState {
         g.publisher = None;
         g.fatal = None;
         g.last_error = None;
-        self.capturing.store(false, Ordering::Release);
+        self.stop_capturing();
         if self.log_path.exists() {
             if let Err(e) = std::fs::rename(&self.log_path, &aside) {
                 let _ = before.save(&self.conf_path);
@@ -683,6 +750,7 @@ impl DbState {
         g.fatal = None;
         self.refusing_writes.store(false, Ordering::Release);
         self.capturing.store(true, Ordering::Release);
+        self.pin_db();
         // The capture thread reconciles the log with the database at once:
         // recovering from the WAL what was committed but not yet logged, or
         // starting a generation. Hooks and SQL functions catch up synchronously.
@@ -725,8 +793,11 @@ impl DbState {
             }
             if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
                 self.lock().capture_db = None;
+                self.unpin_db();
                 continue;
             }
+            // Taken again after a connection's EXCLUSIVE lock (see exclusive_db_lock).
+            self.pin_db();
             // Under a stream of commits, copy several per pass: the fixed cost
             // of a pass (locks, opening the WAL) is then shared. An isolated
             // commit is copied at once.
@@ -1249,7 +1320,7 @@ impl DbState {
                 }
             }
             Role::Off => {
-                self.capturing.store(false, Ordering::Release);
+                self.stop_capturing();
                 self.replica_role.store(false, Ordering::Release);
                 g.role = Role::Off;
                 g.log = None;

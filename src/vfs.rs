@@ -493,7 +493,11 @@ unsafe extern "C" fn f_file_size(f: *mut ffi::sqlite3_file, out: *mut ffi::sqlit
 unsafe extern "C" fn f_lock(f: *mut ffi::sqlite3_file, l: c_int) -> c_int {
     guard(ffi::SQLITE_IOERR_LOCK, || {
         let w = wc(f);
-        (w.inner_methods().xLock.unwrap())(w.inner, l)
+        let lock = || (w.inner_methods().xLock.unwrap())(w.inner, l);
+        match (w.kind, w.state()) {
+            (FileKind::MainDb, Some(state)) if l == ffi::SQLITE_LOCK_EXCLUSIVE => state.exclusive_db_lock(lock),
+            _ => lock(),
+        }
     })
 }
 
@@ -802,6 +806,20 @@ impl PrivateDb {
             unsafe {
                 (self.methods().xShmUnmap.unwrap())(self.file(), 0);
             }
+        }
+    }
+
+    /// Takes a SHARED lock on the database file, the lock every connection in
+    /// WAL mode holds from its first read until it closes. False if another
+    /// connection holds a stronger lock.
+    pub fn lock_shared(&self) -> bool {
+        unsafe { (self.methods().xLock.unwrap())(self.file(), ffi::SQLITE_LOCK_SHARED) == ffi::SQLITE_OK }
+    }
+
+    /// Releases this handle's lock on the database file.
+    pub fn unlock_db(&self) {
+        unsafe {
+            (self.methods().xUnlock.unwrap())(self.file(), ffi::SQLITE_LOCK_NONE);
         }
     }
 

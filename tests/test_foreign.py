@@ -64,6 +64,47 @@ sys.stdin.readline()
                     db=os.path.join(tmp, "r.db")).stdout.strip() == "1,10,11,20"
 
 
+def test_plain_reader_closing_last_leaves_the_wal_to_walcast(tmp_path):
+    """A process with walcast has the primary open but has not read it yet (so
+    SQLite holds no lock on the file for it), the writer died, and a stock shell
+    reads and closes: SQLite's last-connection-closes checkpoint would delete
+    the WAL behind walcast's back, costing a new generation and a base image.
+    walcast's own SHARED lock keeps it from being the last connection."""
+    tmp = str(tmp_path)
+    db = make_primary(tmp)
+    env = {**os.environ, "PYTHONPATH": wc.HERE}
+    holder = subprocess.Popen([wc.PYTHON, "-c", f"""
+import sys, wc
+c = wc.connect({db!r})
+print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)  # reads no table
+sys.stdin.readline()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert int(holder.stdout.readline())
+        writer = subprocess.Popen([wc.PYTHON, "-c", f"""
+import sys, wc
+c = wc.connect({db!r})
+c.execute("INSERT INTO t VALUES (2)")
+print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)
+sys.stdin.readline()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        n = int(writer.stdout.readline())
+        writer.kill()  # no close: the WAL stays, with the commit in it
+        writer.wait()
+        assert os.path.getsize(db + "-wal") > 0
+        assert wc.shell("SELECT count(*) FROM t;", load=False, db=db).stdout.strip() == "2"
+        assert os.path.exists(db + "-wal") and os.path.getsize(db + "-wal") > 0, \
+            "a plain reader closing last deleted the WAL under a walcast process"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    st = wc.status(db)
+    assert st["generation"] == 1 and st["frame_no"] == n, st
+    check_log_equals_db(tmp, db, "r.db")
+
+
 def test_rollback_journal_write_is_refused_on_a_primary(tmp_path):
     tmp = str(tmp_path)
     db = make_primary(tmp)
