@@ -29,7 +29,7 @@ test-unit:
 	$(CARGO) test --release --lib
 
 test-integration: build
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --tb=short -rf tests
 
 # The 1 GiB transaction: capture and restore stream it; the test checks the
 # restored file and the capture thread's peak memory.
