@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 const IMAGE_WAIT: Duration = Duration::from_secs(10);
 /// How long a promotion waits for the process that applies to the replica to stop.
 const PROMOTE_WAIT: Duration = Duration::from_secs(10);
+/// What a catch-up says while a base image still waits for writers.
+const IMAGE_WAITING: &str = "timed out waiting for writers to finish so that a base image can be taken";
 /// The least time between two capture passes while commits stream in.
 const CAPTURE_COALESCE: Duration = Duration::from_micros(100);
 
@@ -902,21 +904,29 @@ impl DbState {
         let deadline = Instant::now() + wait;
         loop {
             let mut g = self.lock();
-            if let Some(f) = &g.fatal {
-                return Err(format!("replication stopped: {f}"));
-            }
-            if g.role != Role::Primary {
-                return Err(format!("{} is not a walcast primary (walcast_role is '{}')", self.db_path, g.role.as_str()));
-            }
-            match self.catch_up_locked(&mut g) {
-                Ok(_) => return Ok(()),
-                Err(CaptureError::Busy) if Instant::now() < deadline => {
+            match self.catch_up_once(&mut g) {
+                Err(None) if Instant::now() < deadline => {
                     drop(g);
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err(CaptureError::Busy) => return Err("timed out waiting for writers to finish so that a base image can be taken".into()),
-                Err(e) => return Err(e.to_string()),
+                r => return r.map_err(|e| e.unwrap_or_else(|| IMAGE_WAITING.into())),
             }
+        }
+    }
+
+    /// One catch-up attempt with the state lock held: Err(None) while a base
+    /// image waits for writers.
+    fn catch_up_once(&self, g: &mut Inner) -> Result<(), Option<String>> {
+        if let Some(f) = &g.fatal {
+            return Err(Some(format!("replication stopped: {f}")));
+        }
+        if g.role != Role::Primary {
+            return Err(Some(format!("{} is not a walcast primary (walcast_role is '{}')", self.db_path, g.role.as_str())));
+        }
+        match self.catch_up_locked(g) {
+            Ok(_) => Ok(()),
+            Err(CaptureError::Busy) => Err(None),
+            Err(e) => Err(Some(e.to_string())),
         }
     }
 
@@ -947,8 +957,17 @@ impl DbState {
         }
         // Up to date, unless a base image is waiting for writers: the status then
         // shows where the log stands, without waiting.
-        let pending = if self.is_capturing() { self.catch_up_within(Duration::ZERO).err() } else { None };
-        let g = self.lock();
+        // One lock for the attempt and the report: a capture pass in between
+        // could clear the error this attempt recorded, and the status would
+        // show an error with state `capturing`.
+        let mut g = self.lock();
+        let pending = if self.is_capturing() {
+            self.catch_up_once(&mut g)
+                .err()
+                .map(|e| e.unwrap_or_else(|| IMAGE_WAITING.into()))
+        } else {
+            None
+        };
         let conf = Conf::load(&self.conf_path).ok();
         let now = crate::log::now_ms();
         // Another process's capture failure that goes on: its commits are not
