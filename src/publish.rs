@@ -339,10 +339,12 @@ impl Batch {
     fn send(&mut self, sockets: &PrimarySockets, tail: &LogTail) -> io::Result<bool> {
         let Some(s) = self.span.take() else { return Ok(false) };
         let flags = if s.gen_start { wire::FLAG_GENERATION_START } else { 0 };
-        let mut fb = FramesBuilder::new(tail.db_id, s.generation, flags, s.last_frame_no, s.page_size);
+        // The span's records hold its frames, and a little more.
+        let expected = s.end.saturating_sub(s.from) as usize;
+        let mut fb = FramesBuilder::new(tail.db_id, s.generation, flags, s.last_frame_no, s.page_size, expected);
         tail.frames_in_range(s.from, s.end, s.page_size, |h, page| {
             if fb.full() {
-                let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, s.generation, 0, s.last_frame_no, s.page_size));
+                let full = std::mem::replace(&mut fb, FramesBuilder::new(tail.db_id, s.generation, 0, s.last_frame_no, s.page_size, expected));
                 // A full queue drops the message: the replica sees the gap and catches up.
                 sockets.publish(&full.finish());
             }
@@ -687,7 +689,7 @@ fn answer(
                 if c != last.last_checksum {
                     return need(format!("the replica's history differs from the primary's at frame_no {n}"));
                 }
-                return Ok(FramesBuilder::new(db_id, last.generation, 0, last.last_frame_no, last.page_size.max(512)).finish());
+                return Ok(FramesBuilder::new(db_id, last.generation, 0, last.last_frame_no, last.page_size.max(512), 0).finish());
             }
             if let Some(why) = index.not_yet(n + 1) {
                 return Ok(wire::error(db_id, last.generation, &why));
@@ -700,7 +702,7 @@ fn answer(
                 return need(format!("the replica's history differs from the primary's at frame_no {n}"));
             }
             let flags = if u.gen_start && n + 1 == u.first_frame_no { wire::FLAG_GENERATION_START } else { 0 };
-            let mut fb = FramesBuilder::new(db_id, u.generation, flags, last.last_frame_no, u.page_size);
+            let mut fb = FramesBuilder::new(db_id, u.generation, flags, last.last_frame_no, u.page_size, last.offset.saturating_sub(u.frame_offset(n + 1)) as usize);
             // Frames from n + 1 on, across the units that follow, up to the end
             // of what is committed or the next generation.
             t.frames_in_range(u.frame_offset(n + 1), last.offset, u.page_size, |fh, page| {

@@ -1095,7 +1095,7 @@ mod tests {
     fn next_frames(db_id: [u8; 16], generation: u64) -> Vec<u8> {
         let page = vec![0x5a; PAGE as usize];
         let f = make_frame(0xabc, 11, 2, 5, &page);
-        let mut b = wire::FramesBuilder::new(db_id, generation, 0, 11, PAGE);
+        let mut b = wire::FramesBuilder::new(db_id, generation, 0, 11, PAGE, 0);
         b.push(&f, &page);
         b.finish()
     }

@@ -145,7 +145,7 @@ pub fn open_request<'a>(sealer: &Sealer, m: &'a [u8]) -> (Result<Cow<'a, [u8]>, 
 
 /// The reply to a request whose envelope had `nonce`, bound to it.
 pub fn seal_reply(sealer: &Sealer, nonce: &Nonce, reply: &[u8]) -> Vec<u8> {
-    sealer.seal(Channel::Reply, nonce, reply).0
+    sealer.seal(Channel::Reply, nonce, reply).0.into_owned()
 }
 
 /// A socket file left by a process that died cannot be listened on again;

@@ -184,8 +184,10 @@ pub struct FramesBuilder {
 }
 
 impl FramesBuilder {
-    pub fn new(db_id: [u8; 16], generation: u64, flags: u8, primary_last: u64, page_size: u32) -> FramesBuilder {
-        let mut b = Builder::new(&Header { kind: KIND_FRAMES, flags, db_id, generation }, CHUNK_BYTES.min(1 << 16));
+    /// `expected` bytes of frames to come, at most: the buffer is allocated once,
+    /// at the size the message will have (up to `CHUNK_BYTES`).
+    pub fn new(db_id: [u8; 16], generation: u64, flags: u8, primary_last: u64, page_size: u32, expected: usize) -> FramesBuilder {
+        let mut b = Builder::new(&Header { kind: KIND_FRAMES, flags, db_id, generation }, 16 + expected.min(CHUNK_BYTES));
         b.u64(primary_last).u32(page_size);
         let count_at = b.len();
         b.u32(0);
@@ -421,7 +423,7 @@ mod tests {
         let page = vec![7u8; 512];
         let f1 = make_frame(1, 10, 3, 0, &page);
         let f2 = make_frame(f1.checksum, 11, 4, 9, &page);
-        let mut fb = FramesBuilder::new([1; 16], 2, FLAG_GENERATION_START, 11, 512);
+        let mut fb = FramesBuilder::new([1; 16], 2, FLAG_GENERATION_START, 11, 512, 0);
         fb.push(&f1, &page);
         fb.push(&f2, &page);
         let msg = fb.finish();

@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(with_key.open(channel, &other_bound, &sealed).is_err(), "opened bound to another nonce");
 
     // One change the input chooses: flip bits of a byte, cut, or append.
-    let mut damaged = sealed.clone();
+    let mut damaged = sealed.to_vec();
     let at = head[3] as usize * 7 % damaged.len();
     match head[1] / 3 % 3 {
         0 => damaged[at] ^= head[2] | 1,

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok((h, body)) = wire::decode(&msg) else { return };
     let re = match &body {
         Body::Frames { primary_last, page_size, frames } => {
-            let mut fb = FramesBuilder::new(h.db_id, h.generation, h.flags, *primary_last, *page_size);
+            let mut fb = FramesBuilder::new(h.db_id, h.generation, h.flags, *primary_last, *page_size, 0);
             for (fh, page) in frames {
                 assert_eq!(page.len(), *page_size as usize);
                 fb.push(fh, page);
