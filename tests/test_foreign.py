@@ -95,6 +95,10 @@ sys.stdin.readline()
         assert wc.shell("SELECT count(*) FROM t;", load=False, db=db).stdout.strip() == "2"
         assert os.path.exists(db + "-wal") and os.path.getsize(db + "-wal") > 0, \
             "a plain reader closing last deleted the WAL under a walcast process"
+        # Nor can a process without walcast take the primary out of WAL mode.
+        p = wc.shell("PRAGMA busy_timeout = 0; PRAGMA journal_mode = DELETE;", load=False, db=db, check=False)
+        assert "database is locked" in p.stderr, (p.stdout, p.stderr)
+        assert wc.shell("PRAGMA journal_mode;", load=False, db=db).stdout.strip() == "wal"
         holder.stdin.write("\n")
         holder.stdin.flush()
         holder.wait(timeout=60)
