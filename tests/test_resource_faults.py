@@ -469,7 +469,8 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
     if p.returncode != 0:
         # The one damage a failed write may leave: a header slot written
         # half-way. The other slot is valid, and the next sync rewrites it.
-        slot_faults = [x for x in injected if int(re.search(r" off (-?\d+)", x).group(1)) in range(0, 512)]
+        # (The faults go on while this runs: read what was injected up to now.)
+        slot_faults = [x for x in faults.injected() if int(re.search(r" off (-?\d+)", x).group(1)) in range(0, 512)]
         assert re.search(r"header slot \d is damaged", p.stderr) and slot_faults, \
             f"walcast_verify under the fault: {p.stdout} {p.stderr}"
         print(f"{kind}: walcast_verify under the fault: {p.stderr.strip()} (after {slot_faults[0]})")
