@@ -111,15 +111,9 @@ pub struct DbState {
     wal_page_size: std::sync::atomic::AtomicU32,
     claim_path: PathBuf,
     failure_path: PathBuf,
-    /// This process's own SHARED lock on the database file while it captures
-    /// (see `pin_db`).
-    db_pin: Mutex<DbPin>,
-}
-
-#[derive(Default)]
-struct DbPin {
-    handle: Option<PrivateDb>,
-    locked: bool,
+    /// This process's own handle on the database file, holding a SHARED lock,
+    /// while it captures (see `pin_db`); closing it releases the lock.
+    db_pin: Mutex<Option<PrivateDb>>,
 }
 
 struct ReplicaThread {
@@ -195,7 +189,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
                 failure_path: capture_failure::path(db_path),
-                db_pin: Mutex::new(DbPin::default()),
+                db_pin: Mutex::new(None),
             })
         })
         .clone()
@@ -324,22 +318,20 @@ impl DbState {
             return;
         }
         let mut pin = self.db_pin.lock().unwrap_or_else(|e| e.into_inner());
-        if pin.locked {
-            return;
+        if pin.is_none() {
+            *pin = self.shared_lock();
         }
-        if pin.handle.is_none() {
-            match PrivateDb::open(&self.db_path) {
-                Ok(h) => pin.handle = Some(h),
-                Err(_) => return, // capture reports a database it cannot open
-            }
-        }
-        pin.locked = pin.handle.as_ref().is_some_and(|h| h.lock_shared());
+    }
+
+    /// A handle of its own on the database file holding a SHARED lock, if one
+    /// can be had (a database that cannot be opened is capture's to report; a
+    /// connection's EXCLUSIVE lock refuses it until the next pass).
+    fn shared_lock(&self) -> Option<PrivateDb> {
+        PrivateDb::open(&self.db_path).ok().filter(|h| h.lock_shared())
     }
 
     fn unpin_db(&self) {
-        let mut pin = self.db_pin.lock().unwrap_or_else(|e| e.into_inner());
-        // Closing the handle releases its lock.
-        *pin = DbPin::default();
+        *self.db_pin.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// A connection of this process asks for an EXCLUSIVE lock on the database
@@ -350,13 +342,15 @@ impl DbState {
     /// lock is refused.
     pub fn exclusive_db_lock(&self, lock: impl FnOnce() -> i32) -> i32 {
         let mut pin = self.db_pin.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(h) = pin.handle.as_ref().filter(|_| pin.locked) else {
+        let Some(held) = pin.take() else {
             drop(pin);
             return lock();
         };
-        h.unlock_db();
+        drop(held); // closing it releases its SHARED lock
         let rc = lock();
-        pin.locked = rc != ffi::SQLITE_OK && h.lock_shared();
+        if rc != ffi::SQLITE_OK {
+            *pin = self.shared_lock();
+        }
         rc
     }
 

@@ -816,13 +816,6 @@ impl PrivateDb {
         unsafe { (self.methods().xLock.unwrap())(self.file(), ffi::SQLITE_LOCK_SHARED) == ffi::SQLITE_OK }
     }
 
-    /// Releases this handle's lock on the database file.
-    pub fn unlock_db(&self) {
-        unsafe {
-            (self.methods().xUnlock.unwrap())(self.file(), ffi::SQLITE_LOCK_NONE);
-        }
-    }
-
     pub fn unlock_writer(&self) {
         if self.writer_locked.get() {
             unsafe {
