@@ -12,6 +12,20 @@ def make_primary(tmp):
     return db
 
 
+def walcast_process(db, script):
+    """A Debian python3 process with walcast that opens db as `c`, then runs
+    script, which waits for the test at each sys.stdin.readline()."""
+    return subprocess.Popen([wc.PYTHON, "-c", f"import sys, wc\nc = wc.connect({db!r})\n{script}"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": wc.HERE})
+
+
+def go_on(p):
+    """Lets a walcast_process past its next sys.stdin.readline()."""
+    p.stdin.write("\n")
+    p.stdin.flush()
+
+
 def check_log_equals_db(tmp, db, name):
     wc.checkpoint_truncate(db)
     out = os.path.join(tmp, name)
@@ -36,24 +50,20 @@ def test_plain_sqlite3_write_while_no_walcast_process_is_open(tmp_path):
 def test_plain_sqlite3_truncating_the_wal_under_a_walcast_process(tmp_path):
     tmp = str(tmp_path)
     db = make_primary(tmp)
-    holder = subprocess.Popen([wc.PYTHON, "-c", f"""
-import sys, wc
-c = wc.connect({db!r})
+    holder = walcast_process(db, """
 c.execute("INSERT INTO t VALUES (10)")
 print("ready", flush=True)
 sys.stdin.readline()
 c.execute("INSERT INTO t VALUES (11)")
 print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)
 sys.stdin.readline()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": wc.HERE})
+""")
     try:
         assert holder.stdout.readline().strip() == "ready"
         wc.shell("INSERT INTO t VALUES (20); PRAGMA wal_checkpoint(TRUNCATE);", load=False, db=db)
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        go_on(holder)
         assert int(holder.stdout.readline())
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        go_on(holder)
         holder.wait(timeout=60)
     finally:
         holder.kill()
@@ -72,22 +82,17 @@ def test_plain_reader_closing_last_leaves_the_wal_to_walcast(tmp_path):
     walcast's own SHARED lock keeps it from being the last connection."""
     tmp = str(tmp_path)
     db = make_primary(tmp)
-    env = {**os.environ, "PYTHONPATH": wc.HERE}
-    holder = subprocess.Popen([wc.PYTHON, "-c", f"""
-import sys, wc
-c = wc.connect({db!r})
+    holder = walcast_process(db, """
 print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)  # reads no table
 sys.stdin.readline()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+""")
     try:
         assert int(holder.stdout.readline())
-        writer = subprocess.Popen([wc.PYTHON, "-c", f"""
-import sys, wc
-c = wc.connect({db!r})
+        writer = walcast_process(db, """
 c.execute("INSERT INTO t VALUES (2)")
 print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)
 sys.stdin.readline()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+""")
         n = int(writer.stdout.readline())
         writer.kill()  # no close: the WAL stays, with the commit in it
         writer.wait()
@@ -99,8 +104,7 @@ sys.stdin.readline()
         p = wc.shell("PRAGMA busy_timeout = 0; PRAGMA journal_mode = DELETE;", load=False, db=db, check=False)
         assert "database is locked" in p.stderr, (p.stdout, p.stderr)
         assert wc.shell("PRAGMA journal_mode;", load=False, db=db).stdout.strip() == "wal"
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        go_on(holder)
         holder.wait(timeout=60)
     finally:
         holder.kill()
@@ -121,26 +125,22 @@ def test_plain_sqlite3_appending_to_the_wal_walcast_follows(tmp_path):
     """A foreign transaction still in the WAL is detected at the next capture."""
     tmp = str(tmp_path)
     db = make_primary(tmp)
-    holder = subprocess.Popen([wc.PYTHON, "-c", f"""
-import sys, wc
-c = wc.connect({db!r})
+    holder = walcast_process(db, """
 c.execute("INSERT INTO t VALUES (10)")
 print(c.execute("SELECT walcast_frame_no()").fetchone()[0], flush=True)
 sys.stdin.readline()
 c.execute("INSERT INTO t VALUES (11)")
 print(c.execute("PRAGMA walcast_status").fetchone()[0], flush=True)
 sys.stdin.readline()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": wc.HERE})
+""")
     try:
         int(holder.stdout.readline())
         # The walcast process keeps the WAL open, so plain sqlite3 appends to it.
         wc.shell("INSERT INTO t VALUES (20);", load=False, db=db)
         assert os.path.getsize(db + "-wal") > 0
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        go_on(holder)
         st = json.loads(holder.stdout.readline())
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        go_on(holder)
         holder.wait(timeout=60)
     finally:
         holder.kill()
