@@ -135,17 +135,34 @@ pub type Claims<'a> = Option<&'a ClaimFile>;
 
 fn read_claims(claims: Claims) -> Result<Option<ClaimState>, CaptureError> {
     match claims {
-        Some(c) => Ok(Some(c.read()?)),
+        Some(c) => Ok(Some(c.read())),
         None => Ok(None),
     }
 }
 
 /// Brings the log up to the last transaction committed in the WAL. The caller
-/// holds the log's lock.
+/// holds the log's lock. The transactions a pass copies reach the file in one
+/// write at its end.
 pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Claims) -> Result<CatchUp, CaptureError> {
+    let r = catch_up_in_memory(log, paths, imaging, claims);
+    // What was copied before an error is as good as before it: write it too.
+    let flushed = log.flush();
+    let out = r?;
+    flushed?;
+    Ok(out)
+}
+
+fn catch_up_in_memory(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Claims) -> Result<CatchUp, CaptureError> {
     log.refresh()?;
     let mut out = CatchUp::default();
     let wal = WalFile::open(paths.wal)?;
+    // Before the first read: reading ahead past what is committed reads frames
+    // being written, or left over from before a restart (up to 1 MiB a pass).
+    if let (Some(w), Committed::WalIndex(m)) = (&wal, paths.committed) {
+        if (m.salt1, m.salt2) == (w.header.salt1, w.header.salt2) {
+            w.limit_read_ahead(m.frame);
+        }
+    }
     let claim_state = read_claims(claims)?;
     // A WAL change walcast announced before a crash: what the WAL file holds
     // now says whether it happened.
@@ -232,9 +249,14 @@ fn append_commits(
 ) -> Result<Option<String>, CaptureError> {
     let mut page = vec![0u8; w.page_size()];
     let mut scratch = Vec::new();
-    while let Some(c) = w.next_commit(&pos, &mut scratch)? {
+    // Small transactions are copied from memory read once and checked frame by
+    // frame; whether the WAL was restarted under them is checked once, at the
+    // end, for all of them (salts never come back).
+    let mut unchecked = false;
+    let foreign = loop {
+        let Some(c) = w.next_commit(&pos, &mut scratch)? else { break None };
         if limit.is_some_and(|l| c.commit > l) {
-            break;
+            break None;
         }
         if let Some(cs) = claim_state {
             let (s1, s2) = (w.header.salt1, w.header.salt2);
@@ -243,18 +265,33 @@ fn append_commits(
                 // is complete for every commit already in the WAL.
                 claim_state = read_claims(claims)?;
                 if !claim_state.is_some_and(|cs| cs.covers(s1, s2, c.commit)) {
-                    return Ok(Some(format!(
+                    break Some(format!(
                         "a process without walcast wrote to the database (the transaction in WAL frames {}..{})",
                         c.first, c.commit
-                    )));
+                    ));
                 }
             }
         }
-        out.frames += append_transaction(log, w, &c, &mut page)?;
+        if unchecked && !is_small(w, &c) {
+            // A large transaction reaches the file while it is copied, and the
+            // units waiting before it with it: check them first.
+            if !w.contains(&pos)? {
+                log.drop_deferred();
+                return Err(wal_changed());
+            }
+            unchecked = false;
+        }
+        let (frames, checked) = append_transaction(log, w, &c, &mut page)?;
+        unchecked |= !checked;
+        out.frames += frames;
         out.transactions += 1;
         pos = c.end;
+    };
+    if unchecked && !w.contains(&pos)? {
+        log.drop_deferred();
+        return Err(wal_changed());
     }
-    Ok(None)
+    Ok(foreign)
 }
 
 /// A growable set of small integers, one bit each.
@@ -304,8 +341,9 @@ fn wal_changed() -> CaptureError {
 /// Writes one transaction as a batch: `copy` hands each kept page (page_no,
 /// bytes) to the emitter, in WAL order; the last one carries the database size.
 /// The batch closes with the WAL position it came from, once the WAL is seen to
-/// still hold it. On any error the batch is dropped.
-fn write_batch<F>(log: &mut LogWriter, w: &WalFile, c: &WalCommit, kept: u64, copy: F) -> Result<u64, CaptureError>
+/// still hold it (when `recheck`; else the caller checks). On any error the
+/// batch is dropped.
+fn write_batch<F>(log: &mut LogWriter, w: &WalFile, c: &WalCommit, kept: u64, recheck: bool, copy: F) -> Result<u64, CaptureError>
 where
     F: FnOnce(&mut dyn FnMut(u32, &[u8]) -> Result<(), CaptureError>) -> Result<(), CaptureError>,
 {
@@ -323,10 +361,11 @@ where
         }
         // The frames must still be the ones validated: a restart by a process
         // without walcast would have rewritten the WAL header.
-        if !w.contains(&c.end)? {
+        if recheck && !w.contains(&c.end)? {
             return Err(wal_changed());
         }
-        log.commit(c.db_pages, Some(c.end))?;
+        // Written with the pass's other transactions (see `catch_up`).
+        log.commit_deferred(c.db_pages, Some(c.end))?;
         Ok(())
     })();
     if r.is_err() {
@@ -352,7 +391,9 @@ fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> 
         keep[i] = h.page_no <= c.db_pages && seen.insert(h.page_no);
     }
     let kept = keep.iter().filter(|k| **k).count() as u64;
-    write_batch(log, w, c, kept, |emit| {
+    // Copied from the bytes just checked: the caller checks the WAL header once
+    // for the pass.
+    write_batch(log, w, c, kept, false, |emit| {
         for (f, _) in frames.iter().zip(&keep).filter(|(_, k)| **k) {
             emit(crate::wal::WalFrameHeader::parse(f).page_no, &f[crate::wal::WAL_FRAME_HEADER_LEN..])?;
         }
@@ -360,13 +401,19 @@ fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> 
     })
 }
 
+fn is_small(w: &WalFile, c: &WalCommit) -> bool {
+    (c.commit - c.first + 1) as usize * w.frame_size() <= SMALL_TRANSACTION
+}
+
 /// Appends one committed WAL transaction as a batch: each page once, with its
-/// final content; the last frame carries the database size.
-fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<u64, CaptureError> {
-    if (c.commit - c.first + 1) as usize * w.frame_size() <= SMALL_TRANSACTION {
-        append_small_transaction(log, w, c)
+/// final content; the last frame carries the database size. Returns the frames
+/// written, and whether the WAL header was checked after copying them (if
+/// not, the caller must check it before the batch is written).
+fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<(u64, bool), CaptureError> {
+    if is_small(w, c) {
+        Ok((append_small_transaction(log, w, c)?, false))
     } else {
-        append_streamed_transaction(log, w, c, page)
+        Ok((append_streamed_transaction(log, w, c, page)?, true))
     }
 }
 
@@ -375,7 +422,9 @@ fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mu
 /// version, then the kept frames forwards.
 fn append_streamed_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<u64, CaptureError> {
     let (keep, kept) = last_versions(w, c.first, c.commit, c.db_pages)?;
-    write_batch(log, w, c, kept, |emit| {
+    // Read from the file again after the checks: the WAL header must be
+    // checked before this batch is taken.
+    write_batch(log, w, c, kept, true, |emit| {
         for f in c.first..=c.commit {
             if !keep.get((f - c.first) as usize) {
                 continue;
@@ -460,8 +509,8 @@ fn image_and_claim(
             WalCursor::InWal(p) => WalMark { salt1: p.salt1, salt2: p.salt2, frame: p.frame },
             _ => WalMark::default(),
         };
-        c.write_claim(mark)?;
-        c.write_handled(seen.foreign_count)?;
+        c.write_claim(mark);
+        c.write_handled(seen.foreign_count);
     }
     Ok(())
 }
@@ -654,7 +703,7 @@ pub fn after_wal_started(log: &mut LogWriter, claims: Claims, header: &[u8]) -> 
         let pos = WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum };
         log.wal_event(WalEvent::Started(pos, h.ckpt_seq))?;
         if let Some(c) = claims {
-            c.write_claim(WalMark { salt1: h.salt1, salt2: h.salt2, frame: 0 })?;
+            c.write_claim(WalMark { salt1: h.salt1, salt2: h.salt2, frame: 0 });
         }
     }
     Ok(())
@@ -786,6 +835,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_whose_wal_was_restarted_under_it_takes_none_of_its_transactions() {
+        // The frames still read as valid (their own salts and checksums), but the
+        // WAL header changed after they were read: a restart by a process
+        // without walcast. The one check at the end of the pass drops them all.
+        let (_db, wal, logp, mut b, mut log, _f) = two_page_primary("restarted-under");
+        let before = log.state;
+        b.frame(2, 2, 0x11).frame(1, 2, 0x12);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let w = WalFile::open(&wal).unwrap().unwrap();
+        let WalCursor::InWal(pos) = log.state.cursor else { panic!("the log follows the WAL") };
+        let mut restarted = b.bytes.clone();
+        restarted[16] ^= 1; // salt-1 of the WAL header
+        std::fs::write(&wal, &restarted).unwrap();
+        let mut out = CatchUp::default();
+        let r = append_commits(&mut log, &w, pos, None, None, None, &mut out);
+        assert!(matches!(r, Err(CaptureError::Io(_))), "{r:?}");
+        assert_eq!(out.transactions, 2, "both were read");
+        assert_eq!(log.state, before, "and neither was taken");
+        log.flush().unwrap();
+        let (st, _) = LogFile::open(&logp).unwrap().scan_all(|_, _, _| Ok(())).unwrap();
+        assert_eq!(st.last_frame_no, before.last_frame_no);
+    }
+
+    #[test]
     fn small_and_streamed_copies_write_the_same_batch() {
         let d = dir("s");
         let wal = d.join("x.db-wal");
@@ -806,6 +879,7 @@ mod tests {
                 append_streamed_transaction(&mut log, &w, &c, &mut vec![0u8; 512]).unwrap()
             };
             assert_eq!(n, 3, "page 9 is past the end; page 3 once, in its last version");
+            log.flush().unwrap();
             let mut frames = Vec::new();
             LogFile::open(&p)
                 .unwrap()

@@ -3,24 +3,39 @@
 //! in the WAL walcast follows.
 //!
 //! Every walcast writer, while holding the WAL write lock and just before SQLite
-//! writes a commit frame, records that frame here (one pwrite, no fsync). It
+//! writes a commit frame, records that frame here (no system call, no fsync). It
 //! first compares the WAL's last commit (from the wal-index) with the last claim:
 //! a commit in between was written without walcast, and is recorded as foreign.
 //! The capture side reads the file; a commit it finds in the WAL past the last
 //! claim, or a foreign record it has not handled yet, starts a new generation.
 //!
-//! Layout (little-endian, 40 bytes): magic "WCCLAIM1"; claimed WAL salt-1,
-//! salt-2 and frame (u32 each); foreign salt-1, salt-2 and frame; the number of
-//! foreign detections (written by writers) and the number handled (written by
-//! the capture, under the log lock). Writers and capture write disjoint bytes.
+//! The file is mapped shared by every walcast process (one page, little-endian
+//! 32-bit words), so that a claim costs a writer a few stores rather than a
+//! system call per commit: magic "WCCLAIM2" (words 0-1); claimed WAL salt-1,
+//! salt-2 and frame (2-4); foreign salt-1, salt-2 and frame (5-7); the number
+//! of foreign detections (8, written by writers); the number handled (9,
+//! written by the capture, under the log lock); a sequence number (10) that
+//! writers make odd while they change words 2-8, so that a reader never takes
+//! half of one claim and half of another. Writers and capture write disjoint
+//! words. Nothing here is ever synced: claims matter only while the WAL they
+//! name exists, and a process that finds a WAL it cannot account for starts a
+//! new generation.
 
-use std::fs::{File, OpenOptions};
+use crate::vfs::SharedWords;
+use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
 
-const MAGIC: &[u8; 8] = b"WCCLAIM1";
-const LEN: usize = 40;
+const MAGIC: &[u8; 8] = b"WCCLAIM2";
+/// The file's length: one page, all of it mapped.
+const LEN: usize = 4096;
+const CLAIMED: usize = 2;
+const FOREIGN: usize = 5;
+const FOREIGN_COUNT: usize = 8;
+const HANDLED_COUNT: usize = 9;
+const SEQ: usize = 10;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WalMark {
@@ -54,57 +69,105 @@ impl ClaimState {
 }
 
 pub struct ClaimFile {
-    file: File,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    words: SharedWords,
 }
 
 impl ClaimFile {
+    /// Opens (creating or upgrading) the claim file and maps it.
     pub fn open(path: &Path) -> io::Result<ClaimFile> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        if file.metadata()?.len() < LEN as u64 {
-            let mut b = [0u8; LEN];
-            b[0..8].copy_from_slice(MAGIC);
-            file.write_all_at(&b, 0)?;
+        let mut magic = [0u8; 8];
+        let n = file.read_at(&mut magic, 0)?;
+        if n < 8 || &magic != MAGIC {
+            // An older walcast's file has the same words at the same places,
+            // without the sequence number: keep what it says. Anything else
+            // (new, or not a claim file) starts with no claims, which can only
+            // make a commit already in the WAL look foreign (a new generation).
+            if &magic != b"WCCLAIM1" {
+                file.write_all_at(&[0u8; 4 * (SEQ + 1)], 0)?;
+            }
+            file.write_all_at(MAGIC, 0)?;
         }
-        Ok(ClaimFile { file })
+        if file.metadata()?.len() < LEN as u64 {
+            file.set_len(LEN as u64)?;
+        }
+        let words = SharedWords::map(&file, LEN)?;
+        Ok(ClaimFile { words })
     }
 
-    pub fn read(&self) -> io::Result<ClaimState> {
-        let mut b = [0u8; LEN];
-        self.file.read_exact_at(&mut b, 0)?;
-        if &b[0..8] != MAGIC {
-            return Err(io::Error::other("claim file has a bad magic number"));
+    fn get(&self, i: usize) -> u32 {
+        u32::from_le(self.words.word(i).load(Ordering::Relaxed))
+    }
+
+    fn put(&self, i: usize, v: u32) {
+        self.words.word(i).store(v.to_le(), Ordering::Relaxed);
+    }
+
+    fn mark(&self, at: usize) -> WalMark {
+        WalMark { salt1: self.get(at), salt2: self.get(at + 1), frame: self.get(at + 2) }
+    }
+
+    fn put_mark(&self, at: usize, m: WalMark) {
+        self.put(at, m.salt1);
+        self.put(at + 1, m.salt2);
+        self.put(at + 2, m.frame);
+    }
+
+    /// The claims as they stand: never a mix of two writers' updates. A
+    /// sequence number that stays odd was left by a writer that died
+    /// half-way; after a while its words are taken as they are (a torn claim
+    /// can only fail to cover a commit, which costs a new generation).
+    pub fn read(&self) -> ClaimState {
+        let seq = self.words.word(SEQ);
+        let mut spins = 0u32;
+        loop {
+            let before = seq.load(Ordering::Acquire);
+            let state = ClaimState {
+                claimed: self.mark(CLAIMED),
+                foreign: self.mark(FOREIGN),
+                foreign_count: self.get(FOREIGN_COUNT),
+                handled_count: self.words.word(HANDLED_COUNT).load(Ordering::Acquire).to_le(),
+            };
+            fence(Ordering::Acquire);
+            let after = seq.load(Ordering::Relaxed);
+            let stable = before == after && before % 2 == 0;
+            spins += 1;
+            if stable || (before == after && spins > 10_000) {
+                return state;
+            }
+            std::hint::spin_loop();
         }
-        let mark = |at| WalMark { salt1: u32_at(&b, at), salt2: u32_at(&b, at + 4), frame: u32_at(&b, at + 8) };
-        Ok(ClaimState { claimed: mark(8), foreign: mark(20), foreign_count: u32_at(&b, 32), handled_count: u32_at(&b, 36) })
+    }
+
+    /// Changes words 2-8 (writers hold the WAL write lock, so there is one at
+    /// a time): the sequence number is odd meanwhile.
+    fn update(&self, f: impl FnOnce()) {
+        let seq = self.words.word(SEQ);
+        // Odd even if a writer died with it odd: the next even value ends this update.
+        let odd = seq.load(Ordering::Relaxed) | 1;
+        seq.store(odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        f();
+        seq.store(odd.wrapping_add(1), Ordering::Release);
     }
 
     /// Records a claim (writers, and the capture after a base image; both with
     /// the WAL write lock held).
-    pub fn write_claim(&self, m: WalMark) -> io::Result<()> {
-        let mut b = [0u8; 12];
-        b[0..4].copy_from_slice(&m.salt1.to_le_bytes());
-        b[4..8].copy_from_slice(&m.salt2.to_le_bytes());
-        b[8..12].copy_from_slice(&m.frame.to_le_bytes());
-        self.file.write_all_at(&b, 8)
+    pub fn write_claim(&self, m: WalMark) {
+        self.update(|| self.put_mark(CLAIMED, m));
     }
 
     /// Records foreign frames (writers, with the WAL write lock held).
-    pub fn write_foreign(&self, m: WalMark, count: u32) -> io::Result<()> {
-        let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&m.salt1.to_le_bytes());
-        b[4..8].copy_from_slice(&m.salt2.to_le_bytes());
-        b[8..12].copy_from_slice(&m.frame.to_le_bytes());
-        b[12..16].copy_from_slice(&count.to_le_bytes());
-        self.file.write_all_at(&b, 20)
+    pub fn write_foreign(&self, m: WalMark, count: u32) {
+        self.update(|| {
+            self.put_mark(FOREIGN, m);
+            self.put(FOREIGN_COUNT, count);
+        });
     }
 
     /// Records that the capture has handled `count` foreign detections (log lock held).
-    pub fn write_handled(&self, count: u32) -> io::Result<()> {
-        self.file.write_all_at(&count.to_le_bytes(), 36)
+    pub fn write_handled(&self, count: u32) {
+        self.words.word(HANDLED_COUNT).store(count.to_le(), Ordering::Release);
     }
 }
 
@@ -132,7 +195,7 @@ mod tests {
         let p = d.join("x.db-walcast-claim");
         let _ = std::fs::remove_file(&p);
         let c = ClaimFile::open(&p).unwrap();
-        assert_eq!(c.read().unwrap(), ClaimState::default());
+        assert_eq!(c.read(), ClaimState::default());
         let s = ClaimState { claimed: WalMark { salt1: 1, salt2: 2, frame: 10 }, ..Default::default() };
         // The last commit before our transaction is ours: nothing foreign.
         assert_eq!(on_commit_frame(&s, (1, 2), 10, 13).1, None);
@@ -142,10 +205,20 @@ mod tests {
         assert!(on_commit_frame(&s, (7, 8), 3, 5).1.is_some());
         // A fresh WAL (restarted by this very transaction).
         assert_eq!(on_commit_frame(&s, (7, 8), 0, 2).1, None);
-        c.write_claim(WalMark { salt1: 1, salt2: 2, frame: 15 }).unwrap();
-        c.write_foreign(WalMark { salt1: 1, salt2: 2, frame: 12 }, 1).unwrap();
-        c.write_handled(0).unwrap();
-        let r = c.read().unwrap();
+        c.write_claim(WalMark { salt1: 1, salt2: 2, frame: 15 });
+        c.write_foreign(WalMark { salt1: 1, salt2: 2, frame: 12 }, 1);
+        c.write_handled(0);
+        let r = c.read();
         assert!(r.unhandled_foreign() && r.covers(1, 2, 15) && !r.covers(1, 2, 16));
+        // Another mapping (another process) sees the same claims at once.
+        let other = ClaimFile::open(&p).unwrap();
+        assert_eq!(other.read(), r);
+        // A writer that died half-way left the sequence number odd: readers
+        // still get an answer, and the next writer's update completes.
+        c.words.word(SEQ).fetch_add(1, Ordering::Relaxed);
+        assert_eq!(other.read(), r);
+        other.write_claim(WalMark { salt1: 1, salt2: 2, frame: 20 });
+        assert_eq!(c.words.word(SEQ).load(Ordering::Relaxed) % 2, 0);
+        assert!(c.read().covers(1, 2, 20));
     }
 }

@@ -850,11 +850,25 @@ pub struct LogWriter {
     pub generation_reason: Option<String>,
     /// Everything before this offset is known to be durable.
     durable_end: u64,
+    /// Writeback has been started for everything before this offset.
+    writeback_end: u64,
     slot_seq: u64,
     pending: Option<Pending>,
     buf: Vec<u8>,
     /// Where `buf` starts in the file.
     buf_offset: u64,
+    /// Committed units not yet written (see `commit_deferred`), where they go
+    /// in the file, and the state (and last batch start) to go back to if
+    /// they cannot be written.
+    deferred: Vec<u8>,
+    deferred_from: Option<Deferred>,
+}
+
+#[derive(Clone, Copy)]
+struct Deferred {
+    at: u64,
+    state: LogState,
+    batch_start: LogState,
 }
 
 struct Pending {
@@ -883,6 +897,8 @@ pub struct OpenReport {
 }
 
 const FLUSH_AT: usize = 1 << 20;
+/// Appended bytes gathered before their writeback is started.
+const WRITEBACK_AT: u64 = 256 << 10;
 
 impl LogWriter {
     /// Creates a new log; fails if the file exists.
@@ -905,10 +921,13 @@ impl LogWriter {
             last_batch_start: state,
             generation_reason: None,
             durable_end: RECORDS_START,
+            writeback_end: RECORDS_START,
             slot_seq: 0,
             pending: None,
             buf: Vec::new(),
             buf_offset: 0,
+            deferred: Vec::new(),
+            deferred_from: None,
         };
         w.file.write_all_at(&encode_slot(&id, 1, &state, &state), 0)?;
         w.file.write_all_at(&encode_slot(&id, 0, &state, &state), SLOT_LEN)?;
@@ -955,10 +974,13 @@ impl LogWriter {
             last_batch_start: start,
             generation_reason: None,
             durable_end: snapshot.end_offset,
+            writeback_end: snapshot.end_offset,
             slot_seq: seq,
             pending: None,
             buf: Vec::new(),
             buf_offset: 0,
+            deferred: Vec::new(),
+            deferred_from: None,
         };
         let mut report = OpenReport { header_problem, ..Default::default() };
         w.extend_from_file(repair, &mut report)?;
@@ -1043,6 +1065,7 @@ impl LogWriter {
     pub fn lock(&mut self) -> io::Result<LogLock> {
         self.lock_file.lock()?;
         self.abort();
+        self.drop_deferred();
         Ok(LogLock(self.lock_file.clone()))
     }
 
@@ -1103,6 +1126,8 @@ impl LogWriter {
     }
 
     fn flush_buf(&mut self) -> LogResult<()> {
+        // Deferred units come first in the file.
+        self.flush()?;
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.buf_offset)?;
             self.buf_offset += self.buf.len() as u64;
@@ -1114,6 +1139,16 @@ impl LogWriter {
     /// Closes the batch in progress with a commit record. The batch is part of the
     /// log once this returns Ok.
     pub fn commit(&mut self, size_after: u32, wal: Option<WalPos>) -> LogResult<LogState> {
+        let st = self.commit_deferred(size_after, wal)?;
+        self.flush()?;
+        Ok(st)
+    }
+
+    /// Closes the batch in progress with a commit record, and keeps it in
+    /// memory to be written with the units that follow it, by `flush`: one
+    /// large write costs the kernel far less than one per transaction. Until
+    /// then the unit is in this writer's state only, not in the file.
+    pub fn commit_deferred(&mut self, size_after: u32, wal: Option<WalPos>) -> LogResult<LogState> {
         let p = self.pending.as_ref().expect("commit outside a batch");
         if let Some(s) = p.last_size_after {
             assert_eq!(s, size_after, "last frame must carry size_after");
@@ -1122,20 +1157,67 @@ impl LogWriter {
         let mut run = p.run;
         let start = p.start;
         self.buf.extend_from_slice(&c.encode());
-        if let Err(e) = self.flush_buf() {
-            self.abort();
-            return Err(e);
+        let end = self.buf_offset + self.buf.len() as u64;
+        // A large batch may have reached the file in part already: what is
+        // left of it goes where it left off.
+        let d = *self.deferred_from.get_or_insert(Deferred { at: self.buf_offset, state: start, batch_start: self.last_batch_start });
+        debug_assert_eq!(d.at + self.deferred.len() as u64, self.buf_offset, "deferred units are contiguous");
+        if self.deferred.is_empty() {
+            std::mem::swap(&mut self.deferred, &mut self.buf);
+        } else {
+            self.deferred.extend_from_slice(&self.buf);
         }
+        self.buf.clear();
         run.db_pages = size_after;
         if let Some(w) = wal {
             run.cursor = WalCursor::InWal(w);
         }
         run.batches += 1;
-        run.end_offset = self.buf_offset;
+        run.end_offset = end;
         self.last_batch_start = start;
         self.state = run;
         self.pending = None;
         Ok(run)
+    }
+
+    /// Writes the units `commit_deferred` kept in memory. On failure they are
+    /// dropped: the state goes back to before the first of them, and whatever
+    /// of them reached the file is cut off (capture takes them again from the
+    /// WAL at its next pass).
+    pub fn flush(&mut self) -> LogResult<()> {
+        let Some(d) = self.deferred_from else { return Ok(()) };
+        match self.file.write_all_at(&self.deferred, d.at) {
+            Ok(()) => {
+                self.deferred.clear();
+                self.deferred_from = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.deferred.clear();
+                self.deferred_from = None;
+                if self.pending.take().is_some() {
+                    self.buf.clear();
+                }
+                self.state = d.state;
+                self.last_batch_start = d.batch_start;
+                let _ = self.file.set_len(d.state.end_offset);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Forgets deferred units that were never written (a pass that failed
+    /// half-way, or whose source turned out to be stale): the state goes back
+    /// to the file's.
+    pub fn drop_deferred(&mut self) {
+        if let Some(d) = self.deferred_from.take() {
+            self.deferred.clear();
+            self.state = d.state;
+            self.last_batch_start = d.batch_start;
+            // Part of a large batch that reached the file is an unfinished
+            // batch: `refresh` cuts it (other processes may have appended
+            // since, so it is not cut here).
+        }
     }
 
     /// Drops the batch in progress, cutting off whatever of it reached the file.
@@ -1143,8 +1225,13 @@ impl LogWriter {
         if let Some(p) = self.pending.take() {
             self.buf.clear();
             self.state = p.start;
-            // If this fails, the next open or refresh cuts the unfinished batch.
-            let _ = self.file.set_len(p.start.end_offset);
+            // While deferred units wait, nothing of this batch reached the file
+            // (writing any of it writes them first), and the file ends before
+            // them: cutting it at the batch's start would extend it instead.
+            if self.deferred_from.is_none() {
+                // If this fails, the next open or refresh cuts the unfinished batch.
+                let _ = self.file.set_len(p.start.end_offset);
+            }
         }
     }
 
@@ -1155,6 +1242,7 @@ impl LogWriter {
     /// Appends a WAL event record.
     pub fn wal_event(&mut self, e: WalEvent) -> LogResult<()> {
         assert!(self.pending.is_none());
+        self.flush()?;
         let b = e.encode(now_ms());
         self.file.write_all_at(&b, self.state.end_offset)?;
         self.state.end_offset += b.len() as u64;
@@ -1162,10 +1250,27 @@ impl LogWriter {
         Ok(())
     }
 
+    /// Starts writing what was appended back to disk, without waiting, once
+    /// enough has gathered. The sync that must come before SQLite restarts the
+    /// WAL runs on SQLite's thread: this way it finds the log's pages written
+    /// (or in flight) rather than megabytes to write, and the disk sees a
+    /// steady stream instead of a burst at every restart.
+    pub fn start_writeback(&mut self) {
+        let end = self.state.end_offset;
+        if end < self.writeback_end.max(self.durable_end) + WRITEBACK_AT {
+            return;
+        }
+        let from = self.writeback_end.max(self.durable_end);
+        // Advisory: a failure only leaves the work to the next sync.
+        let _ = crate::vfs::start_writeback(&self.file, from, end - from);
+        self.writeback_end = end;
+    }
+
     /// Makes everything appended so far durable, then records this point in the
     /// older header slot (that slot write becomes durable at the next sync; until
     /// then the other slot still names a durable point).
     pub fn sync(&mut self) -> LogResult<()> {
+        self.flush()?;
         self.file.sync_data()?;
         self.durable_end = self.state.end_offset;
         // Write the slot that is not the newest valid one on disk. Another
@@ -1264,6 +1369,87 @@ mod tests {
         assert_eq!(w2.state.last_checksum, st.last_checksum);
         assert_eq!(w2.state.cursor, WalCursor::Ended(DbStat { size: 1024, mtime_ns: 5, ino: 6 }));
         assert_eq!(w2.state.end_offset, st.end_offset);
+    }
+
+    #[test]
+    fn deferred_units_reach_the_file_in_one_write_and_an_abort_never_extends_it() {
+        let p = tmp("deferred.log");
+        let mut w = LogWriter::create(&p, [7u8; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 1, &[1u8; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        let written = std::fs::metadata(&p).unwrap().len();
+        for (i, fill) in [5u8, 6].into_iter().enumerate() {
+            w.begin_batch();
+            w.add_frame(1, 1, &[fill; 512]).unwrap();
+            let pos = WalPos { salt1: 1, salt2: 2, frame: i as u32 + 1, cksum: (3, 4) };
+            w.commit_deferred(1, Some(pos)).unwrap();
+        }
+        let state = w.state;
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), written, "deferred units wait in memory");
+        // A batch dropped while units wait: the file is neither cut nor extended.
+        w.begin_batch();
+        w.add_frame(1, 1, &[9u8; 512]).unwrap();
+        w.abort();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), written);
+        assert_eq!(w.state, state, "the deferred units stay");
+        w.flush().unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), state.end_offset);
+        let (r, rep) = LogWriter::open(&p, true).unwrap();
+        assert!(rep.torn_tail.is_none() && rep.garbage_tail.is_none());
+        assert_eq!((r.state.last_frame_no, r.state.last_checksum, r.state.cursor), (3, state.last_checksum, state.cursor));
+
+        // Units deferred by a pass that never flushed are forgotten at the next lock.
+        w.begin_batch();
+        w.add_frame(1, 1, &[7u8; 512]).unwrap();
+        w.commit_deferred(1, None).unwrap();
+        assert_eq!(w.state.last_frame_no, 4);
+        drop(w.lock().unwrap());
+        assert_eq!(w.state, state, "back to what the file holds");
+        w.begin_batch();
+        w.add_frame(1, 1, &[8u8; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        let (st, end) = LogFile::open(&p).unwrap().scan_all(|_, _, _| Ok(())).unwrap();
+        assert_eq!(st.last_frame_no, 4);
+        assert!(matches!(end, ScanEnd::Clean));
+    }
+
+    #[test]
+    fn a_large_batch_after_deferred_units_is_written_where_it_belongs() {
+        // A batch past FLUSH_AT reaches the file while it is being built: the
+        // units deferred before it go first, and its rest after its start.
+        let p = tmp("deferred-large.log");
+        let mut w = LogWriter::create(&p, [7u8; 16]).unwrap();
+        w.begin_generation(65536, "test").unwrap();
+        w.add_frame(1, 1, &vec![1u8; 65536]).unwrap();
+        w.commit_deferred(1, None).unwrap();
+        for round in 0..2u8 {
+            w.begin_batch();
+            for i in 0..24u32 {
+                w.add_frame(i + 1, if i == 23 { 24 } else { 0 }, &vec![round * 50 + i as u8; 65536]).unwrap();
+            }
+            w.commit_deferred(24, None).unwrap();
+            w.begin_batch();
+            w.add_frame(1, 24, &vec![9u8; 65536]).unwrap();
+            w.commit_deferred(24, None).unwrap();
+        }
+        w.flush().unwrap();
+        let mut pages = Vec::new();
+        let (st, end) = LogFile::open(&p)
+            .unwrap()
+            .scan_all(|_, r, _| {
+                if let Record::Frame(h, pg) = r {
+                    pages.push((h.frame_no, pg[0]));
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(end, ScanEnd::Clean));
+        assert_eq!((st.last_frame_no, st.end_offset), (w.state.last_frame_no, w.state.end_offset));
+        assert_eq!(pages.len(), 51);
+        assert_eq!(pages[1], (2, 0));
+        assert_eq!(pages[26], (27, 50));
+        assert_eq!(pages[50], (51, 9));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use crate::capture::{self, CaptureError, CatchUp, Committed, Imaging, Paths};
 use crate::capture_failure::{self, Streak};
-use crate::claim::{self, ClaimFile, ClaimState, WalMark};
+use crate::claim::{self, ClaimFile, WalMark};
 use crate::conf::{self, Conf, Role};
 use crate::log::{hex, LogError, LogWriter, WalCursor};
 use crate::vfs::{Connection, PrivateDb};
@@ -33,6 +33,29 @@ const PROMOTE_WAIT: Duration = Duration::from_secs(10);
 const IMAGE_WAITING: &str = "timed out waiting for writers to finish so that a base image can be taken";
 /// The least time between two capture passes while commits stream in.
 const CAPTURE_COALESCE: Duration = Duration::from_micros(100);
+/// The most it waits, however long the stream.
+const CAPTURE_COALESCE_MAX: Duration = Duration::from_millis(2);
+/// The commit rate (per second) up to which capture copies each commit at once.
+const RATE_LOW: f64 = 2000.0;
+
+/// How long a capture pass waits after the one before, given the commit rate
+/// that pass saw (transactions copied over the time since the pass before
+/// it). Up to RATE_LOW commits a second every commit is copied at once
+/// (CAPTURE_COALESCE, the least gap between passes); from there the window
+/// grows with the square of the rate to CAPTURE_COALESCE_MAX, reached at
+/// four times RATE_LOW. At thousands of commits a second the primary then
+/// copies, publishes and each replica applies (and its readers see a new
+/// snapshot) about 500 times a second, in batches, rather than once or twice
+/// per commit: capture takes a bounded share of a core, and readers of a
+/// replica keep their page cache between most reads.
+fn coalesce_window(found: u64, over: Duration) -> Duration {
+    let rate = found as f64 / over.as_secs_f64().max(1e-6);
+    if rate <= RATE_LOW {
+        return CAPTURE_COALESCE;
+    }
+    let r = rate / RATE_LOW;
+    CAPTURE_COALESCE.mul_f64(r * r).clamp(CAPTURE_COALESCE, CAPTURE_COALESCE_MAX)
+}
 
 /// Writes a walcast message to stderr, where a user finds it, and to SQLite's
 /// error log; repeated identical messages are shown once.
@@ -96,9 +119,6 @@ pub struct DbState {
     /// Main-database handles this process has open on this database.
     open_handles: AtomicUsize,
     claims: OnceLock<ClaimFile>,
-    /// The last claim this process wrote: when the WAL's last commit is still
-    /// that one, nobody else committed since and the claim file need not be read.
-    claim_cache: Mutex<Option<(WalMark, (u32, u32))>>,
     /// Where this process has mapped the first wal-index region (0 = not mapped).
     wal_index: AtomicUsize,
     /// The first piece of a frame header SQLite split in two (offset, bytes).
@@ -181,7 +201,6 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 thread_started: AtomicBool::new(false),
                 open_handles: AtomicUsize::new(0),
                 claims: OnceLock::new(),
-                claim_cache: Mutex::new(None),
                 wal_index: AtomicUsize::new(0),
                 wal_page_size: Default::default(),
                 conf_checked_ms: AtomicU64::new(0),
@@ -777,7 +796,9 @@ impl DbState {
     /// The capture thread: woken after each write transaction (and once a second,
     /// to notice writes made without walcast), it brings the log up to the WAL.
     fn capture_thread(self: Arc<Self>) {
-        let mut last_run = Instant::now() - CAPTURE_COALESCE;
+        let mut last_run = Instant::now() - CAPTURE_COALESCE_MAX;
+        // The window for the next pass, from the rate the last one saw.
+        let mut window = CAPTURE_COALESCE;
         loop {
             // While this process has the database open, look once a second for
             // writes made without walcast. Once it has closed it, touch nothing
@@ -795,12 +816,15 @@ impl DbState {
             // Taken again after a connection's EXCLUSIVE lock (see exclusive_db_lock).
             self.pin_db();
             // Under a stream of commits, copy several per pass: the fixed cost
-            // of a pass (locks, opening the WAL) is then shared. An isolated
-            // commit is copied at once.
+            // of a pass (locks, opening the WAL) is then shared, and the
+            // publisher sends (and replicas apply) fewer, larger messages.
+            // The window grows with the stream (see `coalesce_window`). An
+            // isolated commit is copied at once.
             let since = last_run.elapsed();
-            if since < CAPTURE_COALESCE {
-                std::thread::sleep(CAPTURE_COALESCE - since);
+            if since < window {
+                std::thread::sleep(window - since);
             }
+            let interval = last_run.elapsed();
             last_run = Instant::now();
             // A base image waits for writers; give up after a short while and
             // try again at the next wake-up rather than spin.
@@ -811,7 +835,10 @@ impl DbState {
                         drop(g);
                         std::thread::sleep(Duration::from_millis(1 + attempt / 5));
                     }
-                    _ => break,
+                    r => {
+                        window = coalesce_window(r.map_or(0, |c| c.transactions), interval);
+                        break;
+                    }
                 }
             }
         }
@@ -843,6 +870,7 @@ impl DbState {
             let mut unlock = || db.unlock_writer();
             let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
             let r = capture::catch_up(log, &paths, imaging, self.claims.get());
+            log.start_writeback();
             // Holding a wal-index mapping between passes would keep this
             // process's -shm open after the application closed the database.
             db.unlock_writer();
@@ -1210,10 +1238,7 @@ impl DbState {
         if let Some((at, h)) = header {
             if h[4..8] != [0, 0, 0, 0] {
                 // The header of a commit frame (its database size is non-zero).
-                if let Err(e) = self.claim_commit_frame(at, &h, wal_index()) {
-                    report(&e.message);
-                    return e.code;
-                }
+                self.claim_commit_frame(at, &h, wal_index());
             }
         }
         write()
@@ -1374,29 +1399,29 @@ impl DbState {
     /// Before SQLite writes the header of a commit frame at WAL offset `off`
     /// (the writer holds the WAL write lock): claim it, after checking that the
     /// WAL's last commit before this transaction was claimed too.
-    fn claim_commit_frame(&self, off: u64, frame_header: &[u8], wal_index: Option<WalIndexHeader>) -> Result<(), HookError> {
-        let Some(claims) = self.claims.get() else { return Ok(()) };
+    fn claim_commit_frame(&self, off: u64, frame_header: &[u8], wal_index: Option<WalIndexHeader>) {
+        let Some(claims) = self.claims.get() else { return };
         let be = |at: usize| u32::from_be_bytes(frame_header[at..at + 4].try_into().unwrap());
         let salts = (be(8), be(12));
         if salts == (0, 0) && be(16) == 0 && be(20) == 0 {
             // While a transaction rewrites spilled frames, SQLite first writes
             // frame headers without salts or checksums, then rewrites them all
             // before commit (walRewriteChecksums): the claim is made then.
-            return Ok(());
+            return;
         }
         let page_size = match self.wal_page_size.load(Ordering::Acquire) {
             0 => match wal_index.map(|h| h.page_size).filter(|p| *p != 0) {
                 Some(p) => p,
                 None => match crate::wal::WalFile::open(&self.wal_path) {
                     Ok(Some(w)) => w.header.page_size,
-                    _ => return Ok(()),
+                    _ => return,
                 },
             },
             p => p,
         };
         let per = 24 + page_size as u64;
         if off < 32 || !(off - 32).is_multiple_of(per) {
-            return Ok(());
+            return;
         }
         let frame = ((off - 32) / per + 1) as u32;
         // The wal-index still describes the WAL as it was before this
@@ -1405,33 +1430,16 @@ impl DbState {
             Some(h) if (h.salt1, h.salt2) == salts => h.max_frame,
             _ => 0,
         };
-        let io = |e: std::io::Error| HookError {
-            code: ffi::SQLITE_IOERR_WRITE,
-            message: format!("{}: cannot record the commit in {}: {e}", self.db_path, self.claim_path.display()),
-        };
-        let mut cache = self.claim_cache.lock().unwrap_or_else(|e| e.into_inner());
-        // The cache proves the WAL's last commit is ours only if that commit is
-        // the very frame we claimed: same number and same checksum (a claimed
-        // commit whose write then failed is not).
-        let last_cksum = wal_index.map(|h| h.frame_cksum);
-        let state = match *cache {
-            Some((c, ck)) if c.salt1 == salts.0 && c.salt2 == salts.1 && c.frame == wal_last && Some(ck) == last_cksum => {
-                ClaimState { claimed: c, ..Default::default() }
-            }
-            _ => claims.read().map_err(io)?,
-        };
+        let state = claims.read();
         let (claim, foreign) = claim::on_commit_frame(&state, salts, wal_last, frame);
         if let Some(f) = foreign {
-            let now = claims.read().map_err(io)?;
-            claims.write_foreign(f, now.foreign_count.wrapping_add(1)).map_err(io)?;
+            claims.write_foreign(f, state.foreign_count.wrapping_add(1));
             report(&format!(
                 "{}: transactions written without walcast found in the WAL (up to frame {}); the log starts a new generation",
                 self.db_path, f.frame
             ));
         }
-        claims.write_claim(claim).map_err(io)?;
-        *cache = Some((claim, (be(16), be(20))));
-        Ok(())
+        claims.write_claim(claim);
     }
 
     /// After the WAL write lock is released: wake the capture thread. Never blocks.
@@ -1491,4 +1499,25 @@ fn ensure_wal_mode(db_path: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_waits_longer_only_as_the_commit_rate_grows() {
+        let ms = Duration::from_millis;
+        // 1,000 commits a second, and an isolated commit after a quiet second:
+        // each is copied at once.
+        assert_eq!(coalesce_window(1, ms(1)), CAPTURE_COALESCE);
+        assert_eq!(coalesce_window(1, ms(1000)), CAPTURE_COALESCE);
+        assert_eq!(coalesce_window(0, ms(1)), CAPTURE_COALESCE);
+        // Twice RATE_LOW: four times the least window; a stream of 10,000 a
+        // second (seen over one short pass or a long one): the longest.
+        assert_eq!(coalesce_window(4, ms(1)), CAPTURE_COALESCE * 4);
+        assert_eq!(coalesce_window(1, Duration::from_micros(100)), CAPTURE_COALESCE_MAX);
+        assert_eq!(coalesce_window(20, ms(2)), CAPTURE_COALESCE_MAX);
+        assert_eq!(coalesce_window(1_000_000, Duration::ZERO), CAPTURE_COALESCE_MAX);
+    }
 }

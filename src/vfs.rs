@@ -1150,3 +1150,63 @@ pub fn register_auto_extension(entry: usize) {
         call!(auto_extension(Some(f)));
     });
 }
+
+// ---------------------------------------------------------------------------
+// System calls std does not offer, behind safe signatures.
+
+/// Starts writing the dirty pages of `file` in `off..off + len` back to disk
+/// and returns without waiting for them (sync_file_range SYNC_FILE_RANGE_WRITE).
+/// A later fdatasync then finds them written, or in flight. Not a durability
+/// barrier by itself.
+pub fn start_writeback(file: &std::fs::File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the call's duration; no memory is passed.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), off as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The first `len` bytes of a file mapped shared (MAP_SHARED), read and
+/// written as 32-bit atomic words: every process that maps the file sees every
+/// store at once, with no system call. The file must stay at least `len`
+/// bytes long while it is mapped.
+pub struct SharedWords {
+    ptr: *mut u32,
+    words: usize,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics.
+unsafe impl Send for SharedWords {}
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    pub fn map(file: &std::fs::File, len: usize) -> io::Result<SharedWords> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of an open descriptor; the result is checked.
+        let p = unsafe { libc::mmap(ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedWords { ptr: p as *mut u32, words: len / 4 })
+    }
+
+    /// Word `i` (bytes 4i..4i+4) of the mapping.
+    pub fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.words, "word {i} outside a mapping of {} words", self.words);
+        // SAFETY: in bounds, 4-byte aligned (mmap returns page-aligned memory),
+        // and mapped for as long as `self` lives.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.add(i)) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr as *mut c_void, self.words * 4);
+        }
+    }
+}
