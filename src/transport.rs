@@ -69,6 +69,10 @@ pub fn default_endpoint(db_path: &str) -> String {
     format!("ipc://{}-walcast.sock", abs.display())
 }
 
+/// Live messages queued per replica, at the primary and at the replica (each
+/// at most `wire::LIVE_CHUNK_BYTES` of pages).
+const LIVE_QUEUE: i32 = 64;
+
 /// The largest message a replica accepts (NNG drops bigger ones before they
 /// are allocated): the largest message walcast sends, sealed.
 pub const MAX_RECEIVED: usize = crate::wire::MAX_MESSAGE + OVERHEAD;
@@ -111,9 +115,11 @@ impl PrimarySockets {
         // A slow replica must never block the publisher: sends that cannot be
         // queued are dropped, and the replica repairs the gap by catch-up.
         let _ = publish.set_opt::<SendTimeout>(Some(Duration::ZERO));
-        // Queued messages per replica: enough to ride out a scheduling hiccup,
-        // few enough that memory stays bounded (messages are at most ~1 MiB).
-        let _ = publish.set_opt::<SendBufferSize>(8);
+        // Queued messages per replica: enough to ride out a replica's stall of
+        // tens of milliseconds at thousands of messages a second, bounded in
+        // bytes by the live message size (at most 8 MiB; the replicas' queues
+        // share their messages).
+        let _ = publish.set_opt::<SendBufferSize>(LIVE_QUEUE);
         remove_stale_ipc(&ep.url);
         publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
         let catchup = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
@@ -202,8 +208,10 @@ impl ReplicaSockets {
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
         let connected = count_pipes(&subscribe);
         subscribe.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
-        // At most this many ~1 MiB messages wait in the replica's queue.
-        let _ = subscribe.set_opt::<RecvBufferSize>(4);
+        // NNG drops the oldest message when this queue is full, and the replica
+        // must catch up: it must ride out the applier's stalls (a checkpoint,
+        // a descheduled thread), at most 8 MiB.
+        let _ = subscribe.set_opt::<RecvBufferSize>(LIVE_QUEUE);
         let _ = subscribe.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = subscribe.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
         subscribe.dial_async(&ep.url).map_err(|e| nng_err("cannot dial", &ep.url, e))?;

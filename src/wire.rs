@@ -51,6 +51,11 @@ pub const FLAG_GENERATION_START: u8 = 1;
 /// Upper bound on the page bytes one message carries; a bigger transaction is
 /// sent in several messages, so memory stays bounded on both sides.
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// Pages per message on the live stream. Smaller than catch-up replies (which
+/// are asked for one at a time, so the round trip is what counts): a live
+/// message waits in queues that hold a number of messages (NNG's, at the
+/// primary and at each replica), and this bounds their bytes.
+pub const LIVE_CHUNK_BYTES: usize = 128 << 10;
 /// What a replica accepts at most (NNG's receive limit): a chunk of 64 KiB pages
 /// plus headers, with room to spare.
 pub const MAX_MESSAGE: usize = 4 << 20;
@@ -181,6 +186,7 @@ pub struct FramesBuilder {
     count_at: usize,
     count: u32,
     page_size: u32,
+    limit: usize,
 }
 
 impl FramesBuilder {
@@ -191,16 +197,21 @@ impl FramesBuilder {
         b.u64(primary_last).u32(page_size);
         let count_at = b.len();
         b.u32(0);
-        FramesBuilder { b, count_at, count: 0, page_size }
+        FramesBuilder { b, count_at, count: 0, page_size, limit: CHUNK_BYTES }
+    }
+    /// A message of at most `limit` bytes of frames (below `CHUNK_BYTES`).
+    pub fn with_limit(mut self, limit: usize) -> FramesBuilder {
+        self.limit = limit.min(CHUNK_BYTES);
+        self
     }
     pub fn push(&mut self, h: &FrameHeader, page: &[u8]) {
         debug_assert_eq!(page.len(), self.page_size as usize);
         self.b.bytes(&h.encode()).bytes(page);
         self.count += 1;
     }
-    /// True when one more page would take the message past `CHUNK_BYTES`.
+    /// True when one more page would take the message past its limit.
     pub fn full(&self) -> bool {
-        self.count > 0 && (self.count as usize + 1) * (FRAME_HEADER_LEN + self.page_size as usize) > CHUNK_BYTES
+        self.count > 0 && (self.count as usize + 1) * (FRAME_HEADER_LEN + self.page_size as usize) > self.limit
     }
     pub fn finish(mut self) -> Vec<u8> {
         self.b.patch_u32(self.count_at, self.count);
