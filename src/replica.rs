@@ -32,7 +32,7 @@ const CHECKPOINT_FRAMES: u32 = 1000;
 
 /// What the files of the replica look like to the applier: implemented over the
 /// VFS in `vfs.rs`.
-pub trait ReplicaFiles: Send {
+pub trait ReplicaFiles: Send + Sync {
     type Shm: ShmLocks;
     /// The applier's own shm handle on the database.
     fn open_shm(&self) -> io::Result<Self::Shm>;
@@ -236,13 +236,17 @@ const POS_MAGIC: &[u8; 8] = b"WCREPL1\0";
 const POS_LEN: usize = 8 + 16 + 8 + 8 + 8 + 4 + 1 + 36 + 8;
 
 fn boot_id() -> [u8; 36] {
-    let mut b = [b'?'; 36];
-    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
-        let s = s.trim().as_bytes();
-        let n = s.len().min(36);
-        b[..n].copy_from_slice(&s[..n]);
-    }
-    b
+    // Read once: it is written into the position at every apply.
+    static ID: std::sync::OnceLock<[u8; 36]> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let mut b = [b'?'; 36];
+        if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            let s = s.trim().as_bytes();
+            let n = s.len().min(36);
+            b[..n].copy_from_slice(&s[..n]);
+        }
+        b
+    })
 }
 
 fn encode_position(p: &Position, synced: bool) -> [u8; POS_LEN] {
@@ -319,8 +323,22 @@ pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() ->
         shared.status().applier = true;
         let seq = shared.config_seq.load(Ordering::Acquire);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut s = Session::new(&shared, &files, seq);
-            s.run(&is_open);
+            std::thread::scope(|scope| {
+                let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+                let files = &files;
+                // Checkpoints run beside the applier: one waits milliseconds
+                // for its fsyncs, and frames arriving meanwhile would wait too.
+                let spawned = std::thread::Builder::new().name("walcast-checkpoint".into()).spawn_scoped(scope, move || {
+                    while rx.recv().is_ok() {
+                        // PASSIVE: copies what no reader needs, never waits for one.
+                        let _ = files.sql("PRAGMA wal_checkpoint(PASSIVE)");
+                    }
+                });
+                let mut s = Session::new(&shared, files, seq);
+                s.checkpoints = spawned.is_ok().then_some(tx);
+                s.run(&is_open);
+                // Dropping the session (and its sender) ends the checkpointer.
+            });
         }));
         if r.is_err() {
             set_error(&shared, "error", "internal error in the replica thread; restarting it".into());
@@ -397,6 +415,8 @@ struct Session<'a, F: ReplicaFiles> {
     last_conf_check: Instant,
     last_checkpoint: Instant,
     last_status_write: Instant,
+    /// Asks the checkpointer thread for a checkpoint (None: checkpoint here).
+    checkpoints: Option<crossbeam_channel::Sender<()>>,
 }
 
 impl<'a, F: ReplicaFiles> Session<'a, F> {
@@ -419,6 +439,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             last_conf_check: Instant::now(),
             last_checkpoint: Instant::now(),
             last_status_write: Instant::now() - Duration::from_secs(1),
+            checkpoints: None,
         }
     }
 
@@ -998,11 +1019,19 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 _ => {}
             }
         }
-        if self.pending.is_none() && self.last_checkpoint.elapsed() > Duration::from_millis(100) {
+        if self.last_checkpoint.elapsed() > Duration::from_millis(100) {
             if let Some(app) = self.app.as_mut() {
                 if app.unbackfilled().unwrap_or(0) >= CHECKPOINT_FRAMES {
-                    // PASSIVE: copies what no reader needs, never waits for one.
-                    let _ = self.files.sql("PRAGMA wal_checkpoint(PASSIVE)");
+                    match &self.checkpoints {
+                        // Never waits: one already asked for is as good.
+                        Some(tx) => {
+                            let _ = tx.try_send(());
+                        }
+                        None if self.pending.is_none() => {
+                            let _ = self.files.sql("PRAGMA wal_checkpoint(PASSIVE)");
+                        }
+                        None => {}
+                    }
                 }
             }
             self.last_checkpoint = Instant::now();
