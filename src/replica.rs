@@ -484,7 +484,6 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 return;
             }
         };
-        let _ = nng::options::Options::set_opt::<nng::options::RecvTimeout>(&socks.subscribe, Some(Duration::from_millis(100)));
         *self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()) = Some(socks.closer());
         if self.shared.stop.load(Ordering::Acquire) {
             return; // stopped before the sockets could be closed
@@ -514,9 +513,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 }
                 self.write_status();
             }
-            match socks.subscribe.recv() {
-                Ok(msg) => self.receive(&socks, msg.as_slice()),
-                Err(nng::Error::TimedOut) => {}
+            match socks.recv_live(Duration::from_millis(100)) {
+                Ok(Some(msg)) => self.receive(&socks, msg.as_slice()),
+                Ok(None) => {}
                 Err(_) if self.shared.stop.load(Ordering::Acquire) => break,
                 Err(e) => {
                     set_error(self.shared, "disconnected", format!("receive failed: {e}"));

@@ -175,6 +175,10 @@ const RESEND_SNAPSHOT: Duration = Duration::from_secs(2);
 /// reconnecting in the background while the primary is away.
 pub struct ReplicaSockets {
     pub subscribe: Socket,
+    /// Live messages, as NNG's receive callback hands them over (see `recv_live`).
+    live: crossbeam_channel::Receiver<Result<nng::Message, nng::Error>>,
+    /// The receive in progress on `subscribe`; dropping it stops it.
+    _live_aio: nng::Aio,
     pub request: Socket,
     pub sealer: Sealer,
     /// Connections of the SUB socket to the primary now: 0 as soon as a link
@@ -215,6 +219,7 @@ impl ReplicaSockets {
         let _ = subscribe.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = subscribe.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
         subscribe.dial_async(&ep.url).map_err(|e| nng_err("cannot dial", &ep.url, e))?;
+        let (live, _live_aio) = receive_live(&subscribe).map_err(|e| nng_err("cannot receive from", &ep.url, e))?;
         let request = Socket::new(Protocol::Req0).map_err(|e| nng_err("cannot create a REQ socket for", &ep.catchup, e))?;
         request.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.catchup, e))?;
         let _ = request.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
@@ -223,7 +228,18 @@ impl ReplicaSockets {
         let _ = request.set_opt::<SendTimeout>(Some(Duration::from_secs(2)));
         let _ = request.set_opt::<RecvTimeout>(Some(Duration::from_secs(5)));
         request.dial_async(&ep.catchup).map_err(|e| nng_err("cannot dial", &ep.catchup, e))?;
-        Ok(ReplicaSockets { subscribe, request, sealer, connected, damaged: Default::default() })
+        Ok(ReplicaSockets { subscribe, live, _live_aio, request, sealer, connected, damaged: Default::default() })
+    }
+
+    /// The next live message, waiting at most `wait`: Ok(None) when none came.
+    /// An error once the socket is closed.
+    pub fn recv_live(&self, wait: Duration) -> Result<Option<nng::Message>, nng::Error> {
+        match self.live.recv_timeout(wait) {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) => Err(e),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(nng::Error::Closed),
+        }
     }
 
     /// One request and its reply, which must answer this very request when a
@@ -271,6 +287,41 @@ impl ReplicaSockets {
     pub fn open_live<'a>(&self, m: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
         self.sealer.open(Channel::Live, &[0; NONCE_LEN], m).map(|(plain, _)| plain)
     }
+}
+
+/// Keeps a receive pending on `sock` and hands what arrives to the returned
+/// channel. A blocking receive with a timeout (the applier must wake to look
+/// around while nothing comes) arms a timer in NNG for every message, and
+/// that wakes NNG's timer thread once per message: on two cores it preempted
+/// SQLite's threads more often than anything else. This receive has no timer;
+/// the applier waits on the channel instead. A full channel drops the message
+/// (as NNG's queue would): the replica sees the gap and catches up.
+fn receive_live(sock: &Socket) -> nng::Result<(crossbeam_channel::Receiver<Result<nng::Message, nng::Error>>, nng::Aio)> {
+    let (tx, rx) = crossbeam_channel::bounded(LIVE_QUEUE as usize);
+    let rearm = sock.clone();
+    let aio = nng::Aio::new(move |aio, res| {
+        // A panic here would abort the process (the callback runs on NNG's thread).
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let again = match res {
+                nng::AioResult::Recv(Ok(m)) => {
+                    let _ = tx.try_send(Ok(m));
+                    true
+                }
+                // Stopped (the Aio dropped) or the socket closed: no more.
+                nng::AioResult::Recv(Err(e @ (nng::Error::Closed | nng::Error::Canceled))) => {
+                    let _ = tx.try_send(Err(e));
+                    false
+                }
+                nng::AioResult::Recv(Err(_)) => true,
+                _ => false,
+            };
+            if again && rearm.recv_async(&aio).is_err() {
+                let _ = tx.try_send(Err(nng::Error::Closed));
+            }
+        }));
+    })?;
+    sock.recv_async(&aio)?;
+    Ok((rx, aio))
 }
 
 /// How many times a catch-up reply that is damaged, or does not open (a key
