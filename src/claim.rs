@@ -126,7 +126,7 @@ impl ClaimFile {
                 claimed: self.mark(CLAIMED),
                 foreign: self.mark(FOREIGN),
                 foreign_count: self.get(FOREIGN_COUNT),
-                handled_count: self.words.word(HANDLED_COUNT).load(Ordering::Acquire).to_le(),
+                handled_count: u32::from_le(self.words.word(HANDLED_COUNT).load(Ordering::Acquire)),
             };
             fence(Ordering::Acquire);
             let after = seq.load(Ordering::Relaxed);

@@ -43,7 +43,7 @@ const RATE_LOW: f64 = 2000.0;
 /// it). Up to RATE_LOW commits a second every commit is copied at once
 /// (CAPTURE_COALESCE, the least gap between passes); from there the window
 /// grows with the square of the rate to CAPTURE_COALESCE_MAX, reached at
-/// four times RATE_LOW. At thousands of commits a second the primary then
+/// about 4.5 times RATE_LOW. At thousands of commits a second the primary then
 /// copies, publishes and each replica applies (and its readers see a new
 /// snapshot) about 500 times a second, in batches, rather than once or twice
 /// per commit: capture takes a bounded share of a core, and readers of a
