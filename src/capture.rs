@@ -275,10 +275,7 @@ fn append_commits(
         if unchecked && !is_small(w, &c) {
             // A large transaction reaches the file while it is copied, and the
             // units waiting before it with it: check them first.
-            if !w.contains(&pos)? {
-                log.drop_deferred();
-                return Err(wal_changed());
-            }
+            still_in_wal(log, w, &pos)?;
             unchecked = false;
         }
         let (frames, checked) = append_transaction(log, w, &c, &mut page)?;
@@ -287,11 +284,20 @@ fn append_commits(
         out.transactions += 1;
         pos = c.end;
     };
-    if unchecked && !w.contains(&pos)? {
-        log.drop_deferred();
-        return Err(wal_changed());
+    if unchecked {
+        still_in_wal(log, w, &pos)?;
     }
     Ok(foreign)
+}
+
+/// The transactions copied up to `pos` and not yet written are dropped unless
+/// the WAL still holds `pos` (a restart without walcast rewrote the header).
+fn still_in_wal(log: &mut LogWriter, w: &WalFile, pos: &WalPos) -> Result<(), CaptureError> {
+    if w.contains(pos)? {
+        return Ok(());
+    }
+    log.drop_deferred();
+    Err(wal_changed())
 }
 
 /// A growable set of small integers, one bit each.

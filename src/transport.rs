@@ -212,9 +212,9 @@ impl ReplicaSockets {
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
         let connected = count_pipes(&subscribe);
         subscribe.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &ep.url, e))?;
-        // NNG drops the oldest message when this queue is full, and the replica
-        // must catch up: it must ride out the applier's stalls (a checkpoint,
-        // a descheduled thread), at most 8 MiB.
+        // Messages wait here only between two of `receive_live`'s receives;
+        // the applier's queue is its channel. Either, when full, drops a
+        // message and the replica catches up. At most 8 MiB.
         let _ = subscribe.set_opt::<RecvBufferSize>(LIVE_QUEUE);
         let _ = subscribe.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
         let _ = subscribe.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
