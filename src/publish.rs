@@ -727,7 +727,7 @@ fn answer(
             snapshots.push_back(snap);
             Ok(reply)
         }
-        Body::ReqPages { snapshot_id, from_page } => {
+        Body::ReqPages { snapshot_id, from_page, until_page } => {
             let Some(s) = snapshots.iter_mut().find(|s| s.id == snapshot_id) else {
                 return Ok(wire::error(db_id, last.generation, &format!("snapshot {snapshot_id} expired; start a new one")));
             };
@@ -736,13 +736,14 @@ fn answer(
             let mut pb = PagesBuilder::new(db_id, s.generation, s.id, s.page_size);
             let mut page = vec![0u8; s.page_size as usize];
             let mut p = from_page.max(1);
+            let end = until_page.min(s.db_pages.saturating_add(1));
             // Pages past the last one the log holds are not in the image: skip
             // them at once (a damaged size_after near u32::MAX must not make
             // this loop for billions of pages).
             let held = s.pages.len() as u32;
-            while p <= s.db_pages && !pb.full() {
+            while p < end && !pb.full() {
                 if p > held {
-                    p = s.db_pages.saturating_add(1);
+                    p = end;
                     break;
                 }
                 let off = s.pages[p as usize - 1];
@@ -882,6 +883,39 @@ mod tests {
         assert!(!needs_older(&index, &wire::req_frames([5; 16], 1, u64::MAX, 0)));
         assert!(needs_older(&index, &wire::req_frames([5; 16], 1, 0, 0)));
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
+
+    #[test]
+    fn snapshot_pages_are_served_by_the_range_asked_for() {
+        let dir = std::env::temp_dir().join(format!("walcast-snaprange-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        for n in 1..=10u32 {
+            // Page 4 is absent from the image, as the lock page is.
+            if n != 4 {
+                w.add_frame(n, if n == 10 { 10 } else { 0 }, &[n as u8; 512]).unwrap();
+            }
+        }
+        w.commit(10, None).unwrap();
+        w.sync().unwrap();
+        let mut server = CatchupServer::open(&p).unwrap();
+        let stats = PublishStats::default();
+        let Ok((_, Body::Snapshot { snapshot_id, .. })) = wire::decode(&server.handle(&wire::req_snapshot([5; 16], 1), &stats)) else {
+            panic!("no snapshot")
+        };
+        let mut pages = |from: u32, until: u32| {
+            let reply = server.handle(&wire::req_pages([5; 16], 1, snapshot_id, from, until), &stats);
+            let Ok((_, Body::Pages { next_page, pages, .. })) = wire::decode(&reply) else { panic!("no pages") };
+            assert!(pages.iter().all(|(n, p)| p[0] == *n as u8));
+            (pages.iter().map(|(n, _)| *n).collect::<Vec<_>>(), next_page)
+        };
+        assert_eq!(pages(2, 6), (vec![2, 3, 5], 6));
+        assert_eq!(pages(6, 100), (vec![6, 7, 8, 9, 10], 11));
+        assert_eq!(pages(1, 2), (vec![1], 2));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -86,38 +86,57 @@ pub fn snapshot_reply(reply: &[u8]) -> Result<SnapshotStart, String> {
     }
 }
 
-/// A snapshot being copied page by page: which pages to ask for next, and the
-/// checks on each PAGES reply. Accepted pages come in strictly increasing order,
-/// each in 1..=db_pages, so the copy ends after at most db_pages replies.
+/// Pages `from..until` of a snapshot: one page request.
+pub type PageRange = (u32, u32);
+
+/// A snapshot being copied: the page ranges to ask for, and the checks on each
+/// PAGES reply. Ranges split 1..=db_pages into requests of one reply's worth of
+/// pages each, so that several can be in flight and answered in any order; a
+/// reply that ends early leaves the rest of its range to ask for again. Every
+/// accepted reply covers at least one page of its range, so the copy ends after
+/// at most db_pages replies, with every page asked for once.
 pub struct SnapshotCopy {
     pub db_id: [u8; 16],
     pub snapshot_id: u64,
     pub page_size: u32,
     pub db_pages: u32,
-    /// The first page not yet received.
+    /// The first page no request has covered yet.
     from: u32,
+    /// Rests of ranges whose replies ended early.
+    rests: Vec<PageRange>,
 }
 
 impl SnapshotCopy {
     pub fn new(s: &SnapshotStart) -> SnapshotCopy {
-        SnapshotCopy { db_id: s.db_id, snapshot_id: s.snapshot_id, page_size: s.page_size, db_pages: s.db_pages, from: 1 }
+        SnapshotCopy { db_id: s.db_id, snapshot_id: s.snapshot_id, page_size: s.page_size, db_pages: s.db_pages, from: 1, rests: vec![] }
     }
 
-    /// The page the next request starts from, or None once every page is in.
-    pub fn next_request(&self) -> Option<u32> {
-        (self.from <= self.db_pages).then_some(self.from)
+    /// The next range to ask for, or None once every page has been asked for.
+    pub fn next_request(&mut self) -> Option<PageRange> {
+        if let Some(r) = self.rests.pop() {
+            return Some(r);
+        }
+        if self.from > self.db_pages {
+            return None;
+        }
+        let until = self.from.saturating_add(wire::pages_per_reply(self.page_size)).min(self.db_pages.saturating_add(1));
+        let r = (self.from, until.max(self.from + 1));
+        self.from = r.1;
+        Some(r)
     }
 
-    /// Checks a reply to the request `next_request` made; returns its pages
-    /// (borrowed from `reply`) and moves on past them.
-    pub fn accept<'a>(&mut self, reply: &'a [u8]) -> Result<Vec<(u32, &'a [u8])>, String> {
+    /// Checks the reply to the request for `range`; returns its pages
+    /// (borrowed from `reply`). What the reply left of the range is asked for
+    /// by a later `next_request`.
+    pub fn accept<'a>(&mut self, range: PageRange, reply: &'a [u8]) -> Result<Vec<(u32, &'a [u8])>, String> {
+        let (from, until) = range;
         let (h, body) = wire::decode(reply).map_err(|e| format!("bad snapshot reply: {e}"))?;
         if h.db_id != self.db_id {
             return Err("a snapshot page reply names another database".into());
         }
         let (next_page, pages) = match body {
             Body::Pages { snapshot_id, next_page, page_size, pages }
-                if snapshot_id == self.snapshot_id && page_size == self.page_size && next_page > self.from =>
+                if snapshot_id == self.snapshot_id && page_size == self.page_size && next_page > from && next_page <= until =>
             {
                 (next_page, pages)
             }
@@ -125,10 +144,12 @@ impl SnapshotCopy {
             _ => return Err("unexpected snapshot page reply".into()),
         };
         // wire::decode saw to it that pages are in order and below next_page.
-        if let Some(&(n, _)) = pages.iter().find(|(n, _)| *n < self.from || *n > self.db_pages) {
-            return Err(format!("snapshot page {n} is outside the pages asked for ({}..={})", self.from, self.db_pages));
+        if let Some(&(n, _)) = pages.iter().find(|(n, _)| *n < from || *n > self.db_pages) {
+            return Err(format!("snapshot page {n} is outside the pages asked for ({from}..{until}, of {})", self.db_pages));
         }
-        self.from = next_page;
+        if next_page < until {
+            self.rests.push((next_page, until));
+        }
         Ok(pages)
     }
 }
@@ -146,27 +167,38 @@ mod tests {
     #[test]
     fn snapshot_pages_must_be_the_ones_asked_for() {
         let page = [3u8; 512];
+        let reply = |next: u32, pages: &[u32]| {
+            let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
+            for &n in pages {
+                pb.push(n, &page);
+            }
+            pb.finish(next)
+        };
+        let per = wire::pages_per_reply(512);
+        let mut copy = SnapshotCopy::new(&start(2 * per + 3));
+        let (a, b, c) = (copy.next_request().unwrap(), copy.next_request().unwrap(), copy.next_request().unwrap());
+        assert_eq!((a, b, c), ((1, per + 1), (per + 1, 2 * per + 1), (2 * per + 1, 2 * per + 4)));
+        // Replies in any order; one that ends early leaves the rest to ask for.
+        assert_eq!(copy.accept(c, &reply(2 * per + 2, &[2 * per + 1])).unwrap().len(), 1);
+        assert_eq!(copy.next_request(), Some((2 * per + 2, 2 * per + 4)));
+        assert_eq!(copy.next_request(), None);
+        assert_eq!(copy.accept(a, &reply(per + 1, &[1, 2, per])).unwrap().len(), 3);
+        // A page before the range asked for (a replayed reply) is refused.
+        assert!(copy.accept(b, &reply(per + 2, &[per])).unwrap_err().contains("outside"));
+        // So is a reply that does not move forward, or goes past the range, or
+        // is of another snapshot.
+        assert!(copy.accept(b, &reply(per + 1, &[])).is_err());
+        assert!(copy.accept(b, &reply(2 * per + 2, &[per + 1])).is_err());
+        assert!(copy.accept(b, &PagesBuilder::new([1; 16], 1, 8, 512).finish(per + 2)).is_err());
+        assert_eq!(copy.accept(b, &reply(2 * per + 1, &[per + 1])).unwrap(), vec![(per + 1, &page[..])]);
+        assert_eq!(copy.accept((2 * per + 2, 2 * per + 4), &reply(2 * per + 4, &[2 * per + 3])).unwrap().len(), 1);
+        assert_eq!(copy.next_request(), None);
+        // A page past the snapshot's end is refused.
         let mut copy = SnapshotCopy::new(&start(4));
-        assert_eq!(copy.next_request(), Some(1));
-        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
-        pb.push(1, &page);
-        pb.push(2, &page);
-        assert_eq!(copy.accept(&pb.finish(3)).unwrap().len(), 2);
-        assert_eq!(copy.next_request(), Some(3));
-        // A page before the one asked for (a replayed reply) is refused.
-        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
-        pb.push(2, &page);
-        assert!(copy.accept(&pb.finish(4)).unwrap_err().contains("outside"));
-        // So is a page past the snapshot's end.
-        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
-        pb.push(5, &page);
-        assert!(copy.accept(&pb.finish(6)).unwrap_err().contains("outside"));
-        // A reply that does not move forward, or of another snapshot, is refused.
-        assert!(copy.accept(&PagesBuilder::new([1; 16], 1, 9, 512).finish(3)).is_err());
-        assert!(copy.accept(&PagesBuilder::new([1; 16], 1, 8, 512).finish(5)).is_err());
-        let mut pb = PagesBuilder::new([1; 16], 1, 9, 512);
-        pb.push(4, &page);
-        assert_eq!(copy.accept(&pb.finish(5)).unwrap(), vec![(4, &page[..])]);
+        let r = copy.next_request().unwrap();
+        assert_eq!(r, (1, 5));
+        assert!(copy.accept(r, &reply(6, &[5])).is_err(), "page 5 of 4");
+        assert!(copy.accept(r, &reply(5, &[3])).is_ok());
         assert_eq!(copy.next_request(), None);
     }
 

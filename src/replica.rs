@@ -29,6 +29,10 @@ const SILENCE: Duration = Duration::from_secs(3);
 const TAKEOVER_POLL: Duration = Duration::from_millis(200);
 /// Checkpoint the replica's WAL once it holds this many frames not yet copied.
 const CHECKPOINT_FRAMES: u32 = 1000;
+/// Snapshot page requests a bootstrapping replica keeps in flight (each reply
+/// is up to 1 MiB): the primary reads the next pages while the replica writes
+/// the last ones, and the link's round trip is not paid once per megabyte.
+const SNAPSHOT_REQUESTS_IN_FLIGHT: usize = 4;
 
 /// What the files of the replica look like to the applier: implemented over the
 /// VFS in `vfs.rs`.
@@ -824,16 +828,20 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
 
     fn call(&self, socks: &ReplicaSockets, req: &[u8]) -> Result<Vec<u8>, String> {
         let r = socks.call(req);
+        self.note_damaged(socks);
+        let m = r?;
+        self.shared.status().last_message = Some(Instant::now());
+        Ok(m)
+    }
+
+    /// Replies that were damaged and asked for again: repaired, but never silent.
+    fn note_damaged(&self, socks: &ReplicaSockets) {
         let (damaged, why) = socks.take_damaged();
-        let mut st = self.shared.status();
         if damaged > 0 {
-            // Asked for again and repaired, but never silent.
+            let mut st = self.shared.status();
             st.rejected += damaged;
             st.last_rejection = why.map(|w| (format!("catch-up: {w}"), Instant::now()));
         }
-        let m = r?;
-        st.last_message = Some(Instant::now());
-        Ok(m)
     }
 
     /// Fetches what is missing through the catch-up socket until up to date.
@@ -927,13 +935,29 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.app.as_mut().unwrap().forget_last();
         self.begin()?;
         let r = (|| {
+            // The last page received is held back: it is appended last, with
+            // the database size that ends the transaction.
             let mut held: Option<(u32, Vec<u8>)> = None;
             let mut copy = receive::SnapshotCopy::new(&snap);
-            while let Some(from) = copy.next_request() {
-                let reply = self.call(socks, &wire::req_pages(snap.db_id, snap.generation, snap.snapshot_id, from))?;
-                for (n, page) in copy.accept(&reply)? {
-                    if let Some((hn, hp)) = held.replace((n, page.to_vec())) {
-                        self.app.as_mut().unwrap().append(hn, &hp, 0).map_err(|e| e.to_string())?;
+            let mut requests = socks.requests(SNAPSHOT_REQUESTS_IN_FLIGHT)?;
+            loop {
+                while requests.has_room() {
+                    let Some(range) = copy.next_request() else { break };
+                    requests.send(range, wire::req_pages(snap.db_id, snap.generation, snap.snapshot_id, range.0, range.1))?;
+                }
+                let reply = requests.next_reply();
+                self.note_damaged(socks);
+                let Some((range, reply)) = reply? else { break };
+                self.shared.status().last_message = Some(Instant::now());
+                let app = self.app.as_mut().unwrap();
+                for (n, page) in copy.accept(range, &reply)? {
+                    match &mut held {
+                        Some((hn, hp)) => {
+                            app.append(*hn, hp, 0).map_err(|e| e.to_string())?;
+                            *hn = n;
+                            hp.copy_from_slice(page);
+                        }
+                        None => held = Some((n, page.to_vec())),
                     }
                 }
             }

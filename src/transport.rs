@@ -254,27 +254,43 @@ impl ReplicaSockets {
             let (m, nonce) = self.sealer.seal(Channel::Request, &[0; NONCE_LEN], msg);
             self.request.send(&m[..]).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
             let reply = self.request.recv().map_err(|e| format!("no catch-up reply: {e}"))?;
-            let opened = self
-                .sealer
-                .open(Channel::Reply, &nonce, reply.as_slice())
-                .map(|(plain, _)| plain.into_owned())
-                .map_err(|e| format!("bad catch-up reply: {e}"));
-            let why = match &opened {
-                Err(e) => Some(e.clone()),
-                Ok(plain) => damaged(plain),
-            };
-            match why {
-                Some(why) if retries < DAMAGE_RETRIES => {
-                    retries += 1;
-                    let mut d = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
-                    d.0 += 1;
-                    d.1 = Some(why.clone());
-                    drop(d);
-                    crate::primary::report(&format!("catch-up: {why}; asking again"));
-                }
-                _ => return opened,
+            match self.open_reply(&nonce, reply.as_slice(), &mut retries) {
+                Some(opened) => return opened,
+                None => continue,
             }
         }
+    }
+
+    /// Opens the reply to the request sealed with `nonce`: Some(reply or
+    /// error) for the caller, or None when it was damaged and should be asked
+    /// for again (counted in `retries`, and recorded for the status).
+    fn open_reply(&self, nonce: &Nonce, reply: &[u8], retries: &mut u32) -> Option<Result<Vec<u8>, String>> {
+        let opened = self
+            .sealer
+            .open(Channel::Reply, nonce, reply)
+            .map(|(plain, _)| plain.into_owned())
+            .map_err(|e| format!("bad catch-up reply: {e}"));
+        let why = match &opened {
+            Err(e) => Some(e.clone()),
+            Ok(plain) => damaged(plain),
+        };
+        match why {
+            Some(why) if *retries < DAMAGE_RETRIES => {
+                *retries += 1;
+                let mut d = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+                d.0 += 1;
+                d.1 = Some(why.clone());
+                drop(d);
+                crate::primary::report(&format!("catch-up: {why}; asking again"));
+                None
+            }
+            _ => Some(opened),
+        }
+    }
+
+    /// Up to `depth` catch-up requests in flight at once (see `Requests`).
+    pub fn requests<T>(&self, depth: usize) -> Result<Requests<'_, T>, String> {
+        Requests::new(self, depth)
     }
 
     /// Catch-up replies asked for again since the last call, and the last reason.
@@ -286,6 +302,133 @@ impl ReplicaSockets {
     /// a key is set).
     pub fn open_live<'a>(&self, m: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
         self.sealer.open(Channel::Live, &[0; NONCE_LEN], m).map(|(plain, _)| plain)
+    }
+}
+
+/// How long a pipelined request waits for its reply (NNG resends it every
+/// `RESEND` meanwhile), as the REQ socket's receive timeout does for `call`.
+const REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Catch-up requests in flight at once, each on a REQ context of its own, so
+/// that their replies need not wait for each other: a snapshot's pages are
+/// asked for ahead, the primary reads the next ones while the replica writes
+/// the last, and a link's round trip is paid once rather than once per reply.
+/// Each request carries a tag of the caller's, handed back with its reply.
+/// Replies are checked as `call` checks them (a damaged one is asked for again).
+pub struct Requests<'a, T> {
+    socks: &'a ReplicaSockets,
+    slots: Vec<Slot<T>>,
+    done: crossbeam_channel::Receiver<(usize, Result<nng::Message, nng::Error>)>,
+    in_flight: usize,
+}
+
+struct Slot<T> {
+    // Dropped before the context: dropping an Aio stops its operation.
+    aio: nng::Aio,
+    ctx: nng::Context,
+    pending: Option<Pending<T>>,
+}
+
+struct Pending<T> {
+    tag: T,
+    request: Vec<u8>,
+    nonce: Nonce,
+    retries: u32,
+}
+
+impl<'a, T> Requests<'a, T> {
+    fn new(socks: &'a ReplicaSockets, depth: usize) -> Result<Requests<'a, T>, String> {
+        // A context takes the socket's resend time when it is opened.
+        let _ = socks.request.set_opt::<ResendTime>(Some(RESEND));
+        let (tx, done) = crossbeam_channel::unbounded();
+        let mut slots = Vec::with_capacity(depth);
+        for i in 0..depth.max(1) {
+            let err = |e| format!("cannot open a catch-up request context: {e}");
+            let ctx = nng::Context::new(&socks.request).map_err(err)?;
+            let (c, tx) = (ctx.clone(), tx.clone());
+            let aio = nng::Aio::new(move |aio, res| {
+                // A panic here would abort the process (the callback runs on NNG's thread).
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let done = match res {
+                        // Sent: now wait for the reply on the same context.
+                        nng::AioResult::Send(Ok(())) => match c.recv(&aio) {
+                            Ok(()) => return,
+                            Err(e) => Err(e),
+                        },
+                        nng::AioResult::Send(Err((_, e))) => Err(e),
+                        nng::AioResult::Recv(r) => r,
+                        nng::AioResult::Sleep(_) => return,
+                    };
+                    let _ = tx.send((i, done));
+                }));
+            })
+            .map_err(err)?;
+            aio.set_timeout(Some(REPLY_WAIT)).map_err(err)?;
+            slots.push(Slot { aio, ctx, pending: None });
+        }
+        Ok(Requests { socks, slots, done, in_flight: 0 })
+    }
+
+    /// Whether another request can be sent now.
+    pub fn has_room(&self) -> bool {
+        self.in_flight < self.slots.len()
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Sends `request` on a free context; its reply comes back from `next_reply`
+    /// with `tag`. An error when every context is busy (see `has_room`).
+    pub fn send(&mut self, tag: T, request: Vec<u8>) -> Result<(), String> {
+        let i = self.slots.iter().position(|s| s.pending.is_none()).ok_or("every catch-up request context is busy")?;
+        let nonce = self.start(i, &request)?;
+        self.slots[i].pending = Some(Pending { tag, request, nonce, retries: 0 });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn start(&self, i: usize, request: &[u8]) -> Result<Nonce, String> {
+        let (m, nonce) = self.socks.sealer.seal(Channel::Request, &[0; NONCE_LEN], request);
+        let s = &self.slots[i];
+        s.ctx.send(&s.aio, nng::Message::from(&m[..])).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
+        Ok(nonce)
+    }
+
+    /// The next reply to arrive, with its request's tag; None when no request
+    /// is in flight. After an error the caller drops the whole set.
+    pub fn next_reply(&mut self) -> Result<Option<(T, Vec<u8>)>, String> {
+        loop {
+            if self.in_flight == 0 {
+                return Ok(None);
+            }
+            // Every operation ends by REPLY_WAIT (its Aio's timeout); the margin
+            // only guards against a callback that never came.
+            let (i, r) = match self.done.recv_timeout(REPLY_WAIT * 2) {
+                Ok(x) => x,
+                Err(_) => return Err("no catch-up reply: timed out".into()),
+            };
+            let reply = r.map_err(|e| format!("no catch-up reply: {e}"))?;
+            let p = self.slots[i].pending.as_mut().ok_or("a catch-up reply came for no request")?;
+            let (nonce, mut retries) = (p.nonce, p.retries);
+            let opened = self.socks.open_reply(&nonce, reply.as_slice(), &mut retries);
+            self.slots[i].pending.as_mut().unwrap().retries = retries;
+            match opened {
+                Some(opened) => {
+                    let p = self.slots[i].pending.take().unwrap();
+                    self.in_flight -= 1;
+                    return opened.map(|r| Some((p.tag, r)));
+                }
+                None => {
+                    let request = std::mem::take(&mut self.slots[i].pending.as_mut().unwrap().request);
+                    let nonce = self.start(i, &request)?;
+                    let p = self.slots[i].pending.as_mut().unwrap();
+                    p.request = request;
+                    p.nonce = nonce;
+                }
+            }
+        }
     }
 }
 

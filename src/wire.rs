@@ -88,9 +88,12 @@ pub enum Body<'a> {
         after_checksum: u64,
     },
     ReqSnapshot,
+    /// Pages `from_page..until_page` of a snapshot (the reply may end sooner:
+    /// its `next_page` says where).
     ReqPages {
         snapshot_id: u64,
         from_page: u32,
+        until_page: u32,
     },
     NeedSnapshot {
         reason: String,
@@ -235,9 +238,9 @@ pub fn req_snapshot(db_id: [u8; 16], generation: u64) -> Vec<u8> {
     Builder::new(&Header { kind: KIND_REQ_SNAPSHOT, flags: 0, db_id, generation }, 0).finish()
 }
 
-pub fn req_pages(db_id: [u8; 16], generation: u64, snapshot_id: u64, from_page: u32) -> Vec<u8> {
-    let mut b = Builder::new(&Header { kind: KIND_REQ_PAGES, flags: 0, db_id, generation }, 12);
-    b.u64(snapshot_id).u32(from_page);
+pub fn req_pages(db_id: [u8; 16], generation: u64, snapshot_id: u64, from_page: u32, until_page: u32) -> Vec<u8> {
+    let mut b = Builder::new(&Header { kind: KIND_REQ_PAGES, flags: 0, db_id, generation }, 16);
+    b.u64(snapshot_id).u32(from_page).u32(until_page);
     b.finish()
 }
 
@@ -267,6 +270,12 @@ pub fn snapshot(
     b.finish()
 }
 
+/// The most pages a PAGES reply holds (at least one): a replica asks for
+/// ranges of this many pages, so that each comes back in one reply.
+pub fn pages_per_reply(page_size: u32) -> u32 {
+    (CHUNK_BYTES / (4 + page_size as usize)).max(1) as u32
+}
+
 /// A PAGES reply being filled.
 pub struct PagesBuilder {
     b: Builder,
@@ -291,7 +300,7 @@ impl PagesBuilder {
         self.count += 1;
     }
     pub fn full(&self) -> bool {
-        self.count > 0 && (self.count as usize + 1) * (4 + self.page_size as usize) > CHUNK_BYTES
+        self.count >= pages_per_reply(self.page_size)
     }
     pub fn finish(mut self, next_page: u32) -> Vec<u8> {
         self.b.patch_u32(self.count_at, self.count);
@@ -385,7 +394,15 @@ pub fn decode(msg: &[u8]) -> Result<(Header, Body<'_>), DecodeError> {
         KIND_HEARTBEAT => Body::Heartbeat { last_frame_no: r.u64("frame_no")?, last_checksum: r.u64("checksum")?, unix_ms: r.u64("time")? },
         KIND_REQ_FRAMES => Body::ReqFrames { after_frame_no: r.u64("frame_no")?, after_checksum: r.u64("checksum")? },
         KIND_REQ_SNAPSHOT => Body::ReqSnapshot,
-        KIND_REQ_PAGES => Body::ReqPages { snapshot_id: r.u64("snapshot id")?, from_page: r.u32("page number")? },
+        KIND_REQ_PAGES => {
+            let snapshot_id = r.u64("snapshot id")?;
+            let from_page = r.u32("page number")?;
+            let until_page = r.u32("end page number")?;
+            if until_page <= from_page {
+                return Err(DecodeError(format!("an empty page range ({from_page}..{until_page})")));
+            }
+            Body::ReqPages { snapshot_id, from_page, until_page }
+        }
         KIND_NEED_SNAPSHOT => Body::NeedSnapshot { reason: r.text("reason")? },
         KIND_ERROR => Body::Error { reason: r.text("reason")? },
         KIND_SNAPSHOT => Body::Snapshot {
@@ -479,6 +496,18 @@ mod tests {
         let m = pb.finish(9);
         let (_, b) = decode(&m).unwrap();
         assert_eq!(b, Body::Pages { snapshot_id: 4, next_page: 9, page_size: 1024, pages: vec![(1, &page[..]), (3, &page[..])] });
+        let m = req_pages([0; 16], 3, 4, 10, 20);
+        let (_, b) = decode(&m).unwrap();
+        assert_eq!(b, Body::ReqPages { snapshot_id: 4, from_page: 10, until_page: 20 });
+        assert!(decode(&req_pages([0; 16], 3, 4, 10, 10)).unwrap_err().0.contains("empty page range (10..10)"));
+        // A reply fills up at exactly the pages a replica asks for at a time.
+        let mut pb = PagesBuilder::new([0; 16], 3, 4, 4096);
+        for n in 1..=pages_per_reply(4096) {
+            assert!(!pb.full());
+            pb.push(n, &[0; 4096]);
+        }
+        assert!(pb.full() && pb.finish(256).len() <= CHUNK_BYTES + HEADER_LEN + 16 + TRAILER_LEN);
+        assert_eq!(pages_per_reply(65536), 15);
     }
 
     #[test]

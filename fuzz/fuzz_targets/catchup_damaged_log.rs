@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     if let (_, Body::Snapshot { snapshot_id, db_pages, .. }) = check(&snap) {
         let mut from = 1u32;
         for _ in 0..64 {
-            let reply = server.handle(&wire::req_pages(SAMPLE_DB_ID, 0, snapshot_id, from), &stats);
+            let reply = server.handle(&wire::req_pages(SAMPLE_DB_ID, 0, snapshot_id, from, u32::MAX), &stats);
             match check(&reply).1 {
                 Body::Pages { next_page, .. } if next_page > from && from <= db_pages => from = next_page,
                 _ => break,

@@ -86,8 +86,8 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 let from = op[2] as u32 % 48;
-                let a = parts.handle(&wire::req_pages(SAMPLE_DB_ID, 0, ia, from), &stats);
-                let b = whole.handle(&wire::req_pages(SAMPLE_DB_ID, 0, ib, from), &stats);
+                let a = parts.handle(&wire::req_pages(SAMPLE_DB_ID, 0, ia, from, u32::MAX), &stats);
+                let b = whole.handle(&wire::req_pages(SAMPLE_DB_ID, 0, ib, from, u32::MAX), &stats);
                 assert_eq!(without_snapshot_id(&a), without_snapshot_id(&b), "pages from {from}");
             }
         }

@@ -32,7 +32,7 @@ struct Pending {
 
 enum Phase {
     NeedSnapshot,
-    Copying { start: SnapshotStart, copy: SnapshotCopy, last: u32, pages: Vec<(u32, Vec<u8>)> },
+    Copying { start: SnapshotStart, copy: SnapshotCopy, range: receive::PageRange, last: u32, pages: Vec<(u32, Vec<u8>)> },
     Streaming,
 }
 
@@ -53,27 +53,30 @@ fuzz_target!(|data: &[u8]| {
             Phase::NeedSnapshot => match receive::snapshot_reply(&m) {
                 // A snapshot of no pages is refused (replica.rs: "holds no pages").
                 Ok(start) if start.db_pages > 0 => {
-                    let copy = SnapshotCopy::new(&start);
-                    Phase::Copying { start, copy, last: 0, pages: Vec::new() }
+                    let mut copy = SnapshotCopy::new(&start);
+                    let range = copy.next_request().expect("a snapshot with pages asks for some");
+                    Phase::Copying { start, copy, range, last: 0, pages: Vec::new() }
                 }
                 Ok(_) => Phase::NeedSnapshot,
                 Err(_) => Phase::NeedSnapshot,
             },
-            Phase::Copying { start, mut copy, mut last, mut pages } => {
-                let from = copy.next_request().expect("copying a finished snapshot");
-                match copy.accept(&m) {
+            // One request at a time, as the simplest replica would ask: pages
+            // then come in order.
+            Phase::Copying { start, mut copy, range, mut last, mut pages } => {
+                let (from, until) = range;
+                match copy.accept(range, &m) {
                     Err(_) => Phase::NeedSnapshot,
                     Ok(got) => {
                         for (n, page) in got {
-                            assert!(n >= from && n > last && n <= start.db_pages, "page {n} after {last}, asked from {from}");
+                            assert!(n >= from && n < until && n > last && n <= start.db_pages, "page {n} after {last}, asked {from}..{until}");
                             assert_eq!(page.len(), start.page_size as usize);
                             last = n;
                             pages.push((n, page.to_vec()));
                         }
                         match copy.next_request() {
                             Some(next) => {
-                                assert!(next > from);
-                                Phase::Copying { start, copy, last, pages }
+                                assert!(next.0 > from && next.0 > last && next.1 > next.0);
+                                Phase::Copying { start, copy, range: next, last, pages }
                             }
                             // A snapshot without pages is refused, as replica.rs does.
                             None if pages.is_empty() => Phase::NeedSnapshot,

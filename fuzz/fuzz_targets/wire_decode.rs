@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Body::ReqFrames { after_frame_no, after_checksum } => wire::req_frames(h.db_id, h.generation, *after_frame_no, *after_checksum),
         Body::ReqSnapshot => wire::req_snapshot(h.db_id, h.generation),
-        Body::ReqPages { snapshot_id, from_page } => wire::req_pages(h.db_id, h.generation, *snapshot_id, *from_page),
+        Body::ReqPages { snapshot_id, from_page, until_page } => wire::req_pages(h.db_id, h.generation, *snapshot_id, *from_page, *until_page),
         Body::Snapshot { snapshot_id, frame_no, checksum, page_size, db_pages } => {
             wire::snapshot(h.db_id, h.generation, *snapshot_id, *frame_no, *checksum, *page_size, *db_pages)
         }

@@ -43,7 +43,7 @@ fn main() {
     let mut replies = vec![(0u8, snap.clone())];
     let mut from = 1;
     while from <= db_pages {
-        let req = wire::req_pages(h.db_id, h.generation, snapshot_id, from);
+        let req = wire::req_pages(h.db_id, h.generation, snapshot_id, from, u32::MAX);
         let reply = server.handle(&req, &stats);
         let Ok((_, Body::Pages { next_page, .. })) = wire::decode(&reply) else { panic!("no pages") };
         requests.push(req);
