@@ -90,15 +90,84 @@ pub struct WalAppender<S: ShmLocks> {
     last: Option<Committed>,
     /// The salt-2 source for restarts (any value that differs per restart).
     salt_seed: u32,
+    /// Writes the frames of a big transaction while the applier goes on;
+    /// started at the first one.
+    writer: Option<WalWriter>,
 }
 
 /// Bytes of frames buffered before a write to the WAL file.
 const FLUSH_AT: usize = 256 << 10;
+/// Buffers of `FLUSH_AT` bytes handed to the WAL writer and not written yet.
+const WRITES_IN_FLIGHT: usize = 2;
+
+/// A thread that writes buffers of frames to the WAL, so that copying them
+/// into the page cache (for a snapshot, a gigabyte; on a VM, first touches of
+/// memory that cost more than the copy itself) runs beside the applier's
+/// receiving, verifying and indexing rather than after it. Only writes made
+/// before a transaction's end go here: the end is written on the applier's
+/// thread once these are done, so a small transaction pays no handoff.
+struct WalWriter {
+    to_write: crossbeam_channel::Sender<(Vec<u8>, u64)>,
+    /// Each buffer back once written (to be filled again), or the write's error.
+    written: crossbeam_channel::Receiver<(Vec<u8>, io::Result<()>)>,
+    in_flight: usize,
+    spare: Vec<Vec<u8>>,
+}
+
+impl WalWriter {
+    fn start(wal: &File) -> io::Result<WalWriter> {
+        let wal = wal.try_clone()?;
+        let (to_write, jobs) = crossbeam_channel::bounded::<(Vec<u8>, u64)>(WRITES_IN_FLIGHT);
+        let (done, written) = crossbeam_channel::bounded(WRITES_IN_FLIGHT);
+        std::thread::Builder::new().name("walcast-walwrite".into()).spawn(move || {
+            // Ends when the appender drops its sender.
+            for (buf, offset) in jobs {
+                let r = wal.write_all_at(&buf, offset);
+                if done.send((buf, r)).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(WalWriter { to_write, written, in_flight: 0, spare: vec![] })
+    }
+
+    /// Hands `buf` over to be written at `offset`; returns an empty buffer to
+    /// fill next. Waits while WRITES_IN_FLIGHT are not written yet.
+    fn write(&mut self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
+        while self.in_flight >= WRITES_IN_FLIGHT {
+            self.wait_one()?;
+        }
+        self.to_write.send((buf, offset)).map_err(|_| io::Error::other("the WAL writer thread is gone"))?;
+        self.in_flight += 1;
+        Ok(self.spare.pop().unwrap_or_default())
+    }
+
+    fn wait_one(&mut self) -> io::Result<()> {
+        let (mut buf, r) = self.written.recv().map_err(|_| io::Error::other("the WAL writer thread is gone"))?;
+        self.in_flight -= 1;
+        buf.clear();
+        self.spare.push(buf);
+        r
+    }
+
+    /// Waits until every buffer handed over is written: the first error, if any.
+    fn wait_all(&mut self) -> io::Result<()> {
+        let mut first = Ok(());
+        while self.in_flight > 0 {
+            if let Err(e) = self.wait_one() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+}
 
 impl<S: ShmLocks> WalAppender<S> {
     pub fn new(shm: S, wal: File, page_size: u32) -> Self {
         let seed = crate::conf::random_id().map(|b| u32::from_le_bytes(b[0..4].try_into().unwrap())).unwrap_or(0x9e37_79b9);
-        WalAppender { shm, wal, page_size, txn: None, last: None, salt_seed: seed }
+        WalAppender { shm, wal, page_size, txn: None, last: None, salt_seed: seed, writer: None }
     }
 
     pub fn page_size(&self) -> u32 {
@@ -241,13 +310,32 @@ impl<S: ShmLocks> WalAppender<S> {
         let frame = t.base.mx_frame + t.frames;
         let base_mx = t.base.mx_frame;
         if t.buf.len() >= FLUSH_AT {
-            self.flush()?;
+            self.write_behind()?;
         }
         walindex::append(&mut self.shm, base_mx, frame, page_no)?;
         Ok(())
     }
 
+    /// Hands the buffered frames to the WAL writer thread.
+    fn write_behind(&mut self) -> io::Result<()> {
+        if self.writer.is_none() {
+            self.writer = Some(WalWriter::start(&self.wal)?);
+        }
+        let t = self.txn.as_mut().unwrap();
+        let w = self.writer.as_mut().unwrap();
+        let len = t.buf.len() as u64;
+        let next = w.write(std::mem::take(&mut t.buf), t.buf_offset)?;
+        t.buf = next;
+        t.buf_offset += len;
+        Ok(())
+    }
+
+    /// Writes every frame appended so far: waits for the writer thread, then
+    /// writes the rest here.
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(w) = &mut self.writer {
+            w.wait_all()?;
+        }
         let t = self.txn.as_mut().unwrap();
         if !t.buf.is_empty() {
             self.wal.write_all_at(&t.buf, t.buf_offset)?;
@@ -291,6 +379,11 @@ impl<S: ShmLocks> WalAppender<S> {
     /// Drops the transaction in progress: its frames lie past the committed end
     /// of the WAL, where no reader looks, and the next transaction overwrites them.
     pub fn abort(&mut self) {
+        // A write still in flight must not land after the lock is released,
+        // on frames of the next transaction.
+        if let Some(w) = &mut self.writer {
+            let _ = w.wait_all();
+        }
         if self.txn.take().is_some() {
             self.shm.unlock(WRITE_LOCK, 1, true);
         }
