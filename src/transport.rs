@@ -374,26 +374,15 @@ impl<'a, T> Requests<'a, T> {
         self.in_flight < self.slots.len()
     }
 
-    /// Requests in flight.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
     /// Sends `request` on a free context; its reply comes back from `next_reply`
     /// with `tag`. An error when every context is busy (see `has_room`).
     pub fn send(&mut self, tag: T, request: Vec<u8>) -> Result<(), String> {
         let i = self.slots.iter().position(|s| s.pending.is_none()).ok_or("every catch-up request context is busy")?;
-        let nonce = self.start(i, &request)?;
-        self.slots[i].pending = Some(Pending { tag, request, nonce, retries: 0 });
+        let s = &mut self.slots[i];
+        let nonce = start(self.socks, &s.ctx, &s.aio, &request)?;
+        s.pending = Some(Pending { tag, request, nonce, retries: 0 });
         self.in_flight += 1;
         Ok(())
-    }
-
-    fn start(&self, i: usize, request: &[u8]) -> Result<Nonce, String> {
-        let (m, nonce) = self.socks.sealer.seal(Channel::Request, &[0; NONCE_LEN], request);
-        let s = &self.slots[i];
-        s.ctx.send(&s.aio, nng::Message::from(&m[..])).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
-        Ok(nonce)
     }
 
     /// The next reply to arrive, with its request's tag; None when no request
@@ -405,31 +394,28 @@ impl<'a, T> Requests<'a, T> {
             }
             // Every operation ends by REPLY_WAIT (its Aio's timeout); the margin
             // only guards against a callback that never came.
-            let (i, r) = match self.done.recv_timeout(REPLY_WAIT * 2) {
-                Ok(x) => x,
-                Err(_) => return Err("no catch-up reply: timed out".into()),
-            };
+            let (i, r) = self.done.recv_timeout(REPLY_WAIT * 2).map_err(|_| "no catch-up reply: timed out".to_string())?;
             let reply = r.map_err(|e| format!("no catch-up reply: {e}"))?;
-            let p = self.slots[i].pending.as_mut().ok_or("a catch-up reply came for no request")?;
-            let (nonce, mut retries) = (p.nonce, p.retries);
-            let opened = self.socks.open_reply(&nonce, reply.as_slice(), &mut retries);
-            self.slots[i].pending.as_mut().unwrap().retries = retries;
-            match opened {
+            let s = &mut self.slots[i];
+            let p = s.pending.as_mut().ok_or("a catch-up reply came for no request")?;
+            match self.socks.open_reply(&p.nonce, reply.as_slice(), &mut p.retries) {
                 Some(opened) => {
-                    let p = self.slots[i].pending.take().unwrap();
+                    let p = s.pending.take().unwrap();
                     self.in_flight -= 1;
                     return opened.map(|r| Some((p.tag, r)));
                 }
-                None => {
-                    let request = std::mem::take(&mut self.slots[i].pending.as_mut().unwrap().request);
-                    let nonce = self.start(i, &request)?;
-                    let p = self.slots[i].pending.as_mut().unwrap();
-                    p.request = request;
-                    p.nonce = nonce;
-                }
+                // Damaged: the same request again, on the same context.
+                None => p.nonce = start(self.socks, &s.ctx, &s.aio, &p.request)?,
             }
         }
     }
+}
+
+/// Seals `request` and sends it on `ctx`; the nonce its reply is bound to.
+fn start(socks: &ReplicaSockets, ctx: &nng::Context, aio: &nng::Aio, request: &[u8]) -> Result<Nonce, String> {
+    let (m, nonce) = socks.sealer.seal(Channel::Request, &[0; NONCE_LEN], request);
+    ctx.send(aio, nng::Message::from(&m[..])).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
+    Ok(nonce)
 }
 
 /// Keeps a receive pending on `sock` and hands what arrives to the returned
