@@ -202,6 +202,15 @@ impl SocketCloser {
     }
 }
 
+/// See `Drop for Requests`: the live receive's callback returns before its
+/// Aio goes.
+impl Drop for ReplicaSockets {
+    fn drop(&mut self) {
+        self.subscribe.close();
+        self._live_aio.wait();
+    }
+}
+
 impl ReplicaSockets {
     pub fn closer(&self) -> SocketCloser {
         SocketCloser(vec![self.subscribe.clone(), self.request.clone()])
@@ -323,10 +332,26 @@ pub struct Requests<'a, T> {
 }
 
 struct Slot<T> {
-    // Dropped before the context: dropping an Aio stops its operation.
     aio: nng::Aio,
     ctx: nng::Context,
     pending: Option<Pending<T>>,
+}
+
+/// An Aio's callback holds a reference to it while it runs. Were the owner's
+/// reference dropped first, nng-rs would free the Aio at the callback's end,
+/// from within it: NNG's thread would wait for itself, for good, and with it
+/// whatever else that thread serves (a replica's dialers stopped reconnecting).
+/// So every operation is ended first (a closed context or socket ends a pending
+/// one, and fails a new one, at once) and the callbacks are waited for.
+impl<T> Drop for Requests<'_, T> {
+    fn drop(&mut self) {
+        for s in &self.slots {
+            s.ctx.close();
+        }
+        for s in &self.slots {
+            s.aio.wait();
+        }
+    }
 }
 
 struct Pending<T> {
@@ -493,6 +518,52 @@ mod tests {
             let e = parse_endpoint(bad).unwrap_err();
             assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
         }
+    }
+
+    /// Request sets dropped the moment their last reply is in (while its
+    /// callback may still run): the socket goes on working. Before `Drop for
+    /// Requests`, one such drop in some hundreds froze an NNG thread, and a
+    /// replica's sockets with it.
+    #[test]
+    fn request_sets_dropped_at_once_leave_the_socket_working() {
+        let dir = std::env::temp_dir().join(format!("walcast-reqtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ep = parse_endpoint(&format!("ipc://{}/s", dir.display())).unwrap();
+        let server = PrimarySockets::listen(&ep, Sealer::default()).unwrap();
+        let rep = server.catchup.clone();
+        let echo = std::thread::spawn(move || {
+            while let Ok(m) = rep.recv().or_else(|e| if e == nng::Error::TimedOut { rep.recv() } else { Err(e) }) {
+                let _ = rep.send(m);
+            }
+        });
+        let (done, finished) = crossbeam_channel::bounded(1);
+        let client_ep = ep.clone();
+        // On a thread of its own, so that a frozen socket fails the test
+        // instead of hanging it.
+        std::thread::spawn(move || {
+            let socks = ReplicaSockets::dial(&client_ep, Sealer::default()).unwrap();
+            let msg = crate::wire::req_snapshot([1; 16], 1);
+            for round in 0..400u32 {
+                let mut r = socks.requests::<u32>(4).unwrap();
+                for k in 0..4 {
+                    r.send(round * 4 + k, msg.clone()).unwrap();
+                }
+                let mut got = 0;
+                while let Some((_, reply)) = r.next_reply().unwrap() {
+                    assert_eq!(reply, msg);
+                    got += 1;
+                }
+                assert_eq!(got, 4);
+            }
+            let last = socks.call(&msg);
+            drop(socks);
+            let _ = done.send(last == Ok(msg));
+        });
+        assert_eq!(finished.recv_timeout(std::time::Duration::from_secs(60)), Ok(true), "the request socket froze or failed");
+        server.catchup.close();
+        server.publish.close();
+        echo.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
