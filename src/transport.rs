@@ -443,6 +443,9 @@ fn start(socks: &ReplicaSockets, ctx: &nng::Context, aio: &nng::Aio, request: &[
     Ok(nonce)
 }
 
+/// The pause before receiving again after a receive error.
+const RECEIVE_RETRY: Duration = Duration::from_millis(10);
+
 /// Keeps a receive pending on `sock` and hands what arrives to the returned
 /// channel. A blocking receive with a timeout (the applier must wake to look
 /// around while nothing comes) arms a timer in NNG for every message, and
@@ -456,20 +459,24 @@ fn receive_live(sock: &Socket) -> nng::Result<(crossbeam_channel::Receiver<Resul
     let aio = nng::Aio::new(move |aio, res| {
         // A panic here would abort the process (the callback runs on NNG's thread).
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let again = match res {
+            let armed = match res {
                 nng::AioResult::Recv(Ok(m)) => {
                     let _ = tx.try_send(Ok(m));
-                    true
+                    rearm.recv_async(&aio)
                 }
                 // Stopped (the Aio dropped) or the socket closed: no more.
                 nng::AioResult::Recv(Err(e @ (nng::Error::Closed | nng::Error::Canceled))) => {
                     let _ = tx.try_send(Err(e));
-                    false
+                    return;
                 }
-                nng::AioResult::Recv(Err(_)) => true,
-                _ => false,
+                // Another error (out of memory): receive again after a pause,
+                // not at once, which could spin on NNG's thread for as long
+                // as the error lasts.
+                nng::AioResult::Recv(Err(_)) => aio.sleep(RECEIVE_RETRY),
+                nng::AioResult::Sleep(Ok(())) => rearm.recv_async(&aio),
+                _ => return,
             };
-            if again && rearm.recv_async(&aio).is_err() {
+            if armed.is_err() {
                 let _ = tx.try_send(Err(nng::Error::Closed));
             }
         }));
