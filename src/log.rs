@@ -1064,7 +1064,14 @@ impl LogWriter {
     /// A batch left in progress by a panic is dropped.
     pub fn lock(&mut self) -> io::Result<LogLock> {
         self.lock_file.lock()?;
-        self.abort();
+        // A batch still pending here was left by a panic that released the
+        // lock. It is forgotten, not cut from the file: another process may
+        // have cut it and appended units since. The refresh every writer makes
+        // after locking cuts it if it is still there.
+        if let Some(p) = self.pending.take() {
+            self.buf.clear();
+            self.state = p.start;
+        }
         self.drop_deferred();
         Ok(LogLock(self.lock_file.clone()))
     }
@@ -1528,6 +1535,40 @@ mod tests {
         drop(_l);
         let (c, _) = LogWriter::open(&p, false).unwrap();
         assert_eq!(c.state.last_frame_no, 4);
+        let lf = LogFile::open(&p).unwrap();
+        assert!(matches!(lf.scan_all(|_, _, _| Ok(())).unwrap().1, ScanEnd::Clean));
+    }
+
+    #[test]
+    fn a_batch_left_by_a_panic_is_forgotten_without_cutting_what_others_appended() {
+        let p = tmp("g.log");
+        let mut a = sample(&p);
+        let (mut b, _) = LogWriter::open(&p, true).unwrap();
+        // A's batch is flushed in part, then a panic releases the lock.
+        let la = a.lock().unwrap();
+        a.refresh().unwrap();
+        a.begin_batch();
+        for i in 0..3000 {
+            a.add_frame(1 + i % 2, 0, &[7u8; 512]).unwrap();
+        }
+        drop(la);
+        // B cuts A's unfinished batch and appends a transaction.
+        let lb = b.lock().unwrap();
+        b.refresh().unwrap();
+        b.begin_batch();
+        b.add_frame(1, 2, &[8u8; 512]).unwrap();
+        b.commit(2, None).unwrap();
+        drop(lb);
+        // A locks again: B's transaction stays, and A continues after it.
+        let la = a.lock().unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.state.last_frame_no, 4);
+        a.begin_batch();
+        a.add_frame(2, 2, &[9u8; 512]).unwrap();
+        a.commit(2, None).unwrap();
+        drop(la);
+        let (c, _) = LogWriter::open(&p, false).unwrap();
+        assert_eq!(c.state.last_frame_no, 5);
         let lf = LogFile::open(&p).unwrap();
         assert!(matches!(lf.scan_all(|_, _, _| Ok(())).unwrap().1, ScanEnd::Clean));
     }
