@@ -52,7 +52,7 @@ pub const FLAG_GENERATION_START: u8 = 1;
 /// sent in several messages, so memory stays bounded on both sides.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Pages per message on the live stream. Smaller than catch-up replies (which
-/// are asked for one at a time, so the round trip is what counts): a live
+/// are asked for, few at a time, so the round trips are what counts): a live
 /// message waits in queues that hold a number of messages (NNG's, at the
 /// primary and at each replica), and this bounds their bytes.
 pub const LIVE_CHUNK_BYTES: usize = 128 << 10;
