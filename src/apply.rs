@@ -80,6 +80,9 @@ struct Txn {
     commit_point: Option<(u32, (u32, u32), u32)>,
     buf: Vec<u8>,
     buf_offset: u64,
+    /// A write of this transaction's frames failed: it must not publish, since
+    /// frames it would make visible may not be in the file.
+    write_failed: bool,
 }
 
 pub struct WalAppender<S: ShmLocks> {
@@ -275,7 +278,8 @@ impl<S: ShmLocks> WalAppender<S> {
             wal_header = Some(b);
         }
         let base = hdr;
-        let mut t = Txn { base, hdr, frames: 0, running: hdr.frame_cksum, commit_point: None, buf: Vec::new(), buf_offset: 0 };
+        let mut t =
+            Txn { base, hdr, frames: 0, running: hdr.frame_cksum, commit_point: None, buf: Vec::new(), buf_offset: 0, write_failed: false };
         t.buf_offset = WAL_HEADER_LEN as u64 + base.mx_frame as u64 * (WAL_FRAME_HEADER_LEN as u64 + self.page_size as u64);
         if let Some(b) = wal_header {
             self.wal.write_all_at(&b, 0)?;
@@ -310,7 +314,10 @@ impl<S: ShmLocks> WalAppender<S> {
         let frame = t.base.mx_frame + t.frames;
         let base_mx = t.base.mx_frame;
         if t.buf.len() >= FLUSH_AT {
-            self.write_behind()?;
+            if let Err(e) = self.write_behind() {
+                self.txn.as_mut().unwrap().write_failed = true;
+                return Err(e.into());
+            }
         }
         walindex::append(&mut self.shm, base_mx, frame, page_no)?;
         Ok(())
@@ -333,10 +340,12 @@ impl<S: ShmLocks> WalAppender<S> {
     /// Writes every frame appended so far: waits for the writer thread, then
     /// writes the rest here.
     fn flush(&mut self) -> io::Result<()> {
-        if let Some(w) = &mut self.writer {
-            w.wait_all()?;
-        }
+        let waited = self.writer.as_mut().map_or(Ok(()), |w| w.wait_all());
         let t = self.txn.as_mut().unwrap();
+        if waited.is_err() || t.write_failed {
+            t.write_failed = true;
+            return Err(waited.err().unwrap_or_else(|| io::Error::other("an earlier write of the transaction's frames failed")));
+        }
         if !t.buf.is_empty() {
             self.wal.write_all_at(&t.buf, t.buf_offset)?;
             t.buf_offset += t.buf.len() as u64;
@@ -403,5 +412,66 @@ impl<S: ShmLocks> WalAppender<S> {
 impl<S: ShmLocks> Drop for WalAppender<S> {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::walindex::{Region, HASHTABLE_NPAGE, HASHTABLE_NSLOT};
+    use std::sync::atomic::{AtomicU16, AtomicU32};
+
+    /// An in-memory -shm whose locks are always free.
+    #[derive(Default)]
+    struct MemShm(Vec<(Box<[AtomicU32]>, Box<[AtomicU16]>)>);
+    impl Shm for MemShm {
+        fn region(&mut self, i: u32) -> io::Result<Region<'_>> {
+            while self.0.len() <= i as usize {
+                self.0.push(((0..HASHTABLE_NPAGE).map(|_| AtomicU32::new(0)).collect(), (0..HASHTABLE_NSLOT).map(|_| AtomicU16::new(0)).collect()));
+            }
+            let (words, hash) = &self.0[i as usize];
+            Ok(Region { words, hash })
+        }
+    }
+    impl ShmLocks for MemShm {
+        fn try_lock(&mut self, _: u32, _: u32, _: bool) -> io::Result<bool> {
+            Ok(true)
+        }
+        fn unlock(&mut self, _: u32, _: u32, _: bool) {}
+    }
+
+    /// A big transaction whose frames the writer thread fails to write
+    /// (/dev/full) is never published, though it completes.
+    #[test]
+    fn a_failed_write_behind_publishes_nothing() {
+        let mut shm = MemShm::default();
+        let h = IndexHeader {
+            change: 1,
+            is_init: true,
+            big_end_cksum: false,
+            page_size: 4096,
+            mx_frame: 3,
+            n_page: 3,
+            frame_cksum: (1, 2),
+            salt: (3, 4),
+        };
+        walindex::write_header(&shm.region(0).unwrap(), &h);
+        let wal = std::fs::OpenOptions::new().write(true).read(true).open("/dev/full").unwrap();
+        let mut app = WalAppender::new(shm, wal, 4096);
+        app.begin().unwrap();
+        let page = [7u8; 4096];
+        let mut failed = false;
+        for n in 1..=200u32 {
+            if app.append(n, &page, if n % 50 == 0 { n } else { 0 }).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed || app.commit().is_err(), "a failed write must surface");
+        if failed {
+            assert!(app.commit().is_err(), "and the transaction must not publish");
+        }
+        assert!(!app.in_txn());
+        assert_eq!(app.header().unwrap().unwrap().mx_frame, 3, "nothing was published");
     }
 }
