@@ -418,21 +418,9 @@ impl<S: ShmLocks> Drop for WalAppender<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::walindex::{Region, HASHTABLE_NPAGE, HASHTABLE_NSLOT};
-    use std::sync::atomic::{AtomicU16, AtomicU32};
+    use crate::walindex::tests::MemShm;
 
-    /// An in-memory -shm whose locks are always free.
-    #[derive(Default)]
-    struct MemShm(Vec<(Box<[AtomicU32]>, Box<[AtomicU16]>)>);
-    impl Shm for MemShm {
-        fn region(&mut self, i: u32) -> io::Result<Region<'_>> {
-            while self.0.len() <= i as usize {
-                self.0.push(((0..HASHTABLE_NPAGE).map(|_| AtomicU32::new(0)).collect(), (0..HASHTABLE_NSLOT).map(|_| AtomicU16::new(0)).collect()));
-            }
-            let (words, hash) = &self.0[i as usize];
-            Ok(Region { words, hash })
-        }
-    }
+    /// Locks that are always free.
     impl ShmLocks for MemShm {
         fn try_lock(&mut self, _: u32, _: u32, _: bool) -> io::Result<bool> {
             Ok(true)

@@ -336,7 +336,7 @@ pub fn find_frame(shm: &mut impl Shm, min_frame: u32, mx_frame: u32, page_no: u3
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::path::Path;
@@ -344,7 +344,7 @@ mod tests {
 
     /// An in-memory -shm: regions of zeroed atomics, created on demand.
     #[derive(Default)]
-    struct MemShm(Vec<MemRegion>);
+    pub(crate) struct MemShm(Vec<MemRegion>);
     type MemRegion = (Box<[AtomicU32]>, Box<[AtomicU16]>);
 
     impl Shm for MemShm {
