@@ -133,11 +133,8 @@ impl Paths<'_> {
 /// (unit tests of the log-following logic alone).
 pub type Claims<'a> = Option<&'a ClaimFile>;
 
-fn read_claims(claims: Claims) -> Result<Option<ClaimState>, CaptureError> {
-    match claims {
-        Some(c) => Ok(Some(c.read())),
-        None => Ok(None),
-    }
+fn read_claims(claims: Claims) -> Option<ClaimState> {
+    claims.map(ClaimFile::read)
 }
 
 /// Brings the log up to the last transaction committed in the WAL. The caller
@@ -163,7 +160,7 @@ fn catch_up_in_memory(log: &mut LogWriter, paths: &Paths, imaging: Imaging, clai
             w.limit_read_ahead(m.frame);
         }
     }
-    let claim_state = read_claims(claims)?;
+    let claim_state = read_claims(claims);
     // A WAL change walcast announced before a crash: what the WAL file holds
     // now says whether it happened.
     let cursor = match (log.state.cursor, &wal) {
@@ -263,7 +260,7 @@ fn append_commits(
             if !cs.covers(s1, s2, c.commit) {
                 // Writers claim a commit before writing it, so a claim read now
                 // is complete for every commit already in the WAL.
-                claim_state = read_claims(claims)?;
+                claim_state = read_claims(claims);
                 if !claim_state.is_some_and(|cs| cs.covers(s1, s2, c.commit)) {
                     break Some(format!(
                         "a process without walcast wrote to the database (the transaction in WAL frames {}..{})",
@@ -272,15 +269,22 @@ fn append_commits(
                 }
             }
         }
-        if unchecked && !is_small(w, &c) {
-            // A large transaction reaches the file while it is copied, and the
-            // units waiting before it with it: check them first.
-            still_in_wal(log, w, &pos)?;
-            unchecked = false;
-        }
-        let (frames, checked) = append_transaction(log, w, &c, &mut page)?;
-        unchecked |= !checked;
-        out.frames += frames;
+        // Each transaction as a batch: each page once, with its final content;
+        // the last frame carries the database size.
+        let small = (c.commit - c.first + 1) as usize * w.frame_size() <= SMALL_TRANSACTION;
+        out.frames += if small {
+            append_small_transaction(log, w, &c)?
+        } else {
+            if unchecked {
+                // A large transaction reaches the file while it is copied, and
+                // the units waiting before it with it: check them first.
+                still_in_wal(log, w, &pos)?;
+                unchecked = false;
+            }
+            // Checks the WAL header itself after copying.
+            append_streamed_transaction(log, w, &c, &mut page)?
+        };
+        unchecked |= small;
         out.transactions += 1;
         pos = c.end;
     };
@@ -407,22 +411,6 @@ fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> 
     })
 }
 
-fn is_small(w: &WalFile, c: &WalCommit) -> bool {
-    (c.commit - c.first + 1) as usize * w.frame_size() <= SMALL_TRANSACTION
-}
-
-/// Appends one committed WAL transaction as a batch: each page once, with its
-/// final content; the last frame carries the database size. Returns the frames
-/// written, and whether the WAL header was checked after copying them (if
-/// not, the caller must check it before the batch is written).
-fn append_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page: &mut [u8]) -> Result<(u64, bool), CaptureError> {
-    if is_small(w, c) {
-        Ok((append_small_transaction(log, w, c)?, false))
-    } else {
-        Ok((append_streamed_transaction(log, w, c, page)?, true))
-    }
-}
-
 /// Appends a transaction of any size in bounded memory: validated already, its
 /// frames are read twice more, headers backwards to find each page's last
 /// version, then the kept frames forwards.
@@ -508,7 +496,7 @@ fn image_and_claim(
     claims: Claims,
     reason: &str,
 ) -> Result<(), CaptureError> {
-    let seen = read_claims(claims)?;
+    let seen = read_claims(claims);
     take_image(log, paths, wal, db, reason)?;
     if let (Some(c), Some(seen)) = (claims, seen) {
         let mark = match log.state.cursor {

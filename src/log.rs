@@ -1068,10 +1068,7 @@ impl LogWriter {
         // lock. It is forgotten, not cut from the file: another process may
         // have cut it and appended units since. The refresh every writer makes
         // after locking cuts it if it is still there.
-        if let Some(p) = self.pending.take() {
-            self.buf.clear();
-            self.state = p.start;
-        }
+        self.forget_pending();
         self.drop_deferred();
         Ok(LogLock(self.lock_file.clone()))
     }
@@ -1200,13 +1197,8 @@ impl LogWriter {
                 Ok(())
             }
             Err(e) => {
-                self.deferred.clear();
-                self.deferred_from = None;
-                if self.pending.take().is_some() {
-                    self.buf.clear();
-                }
-                self.state = d.state;
-                self.last_batch_start = d.batch_start;
+                self.forget_pending();
+                self.drop_deferred();
                 let _ = self.file.set_len(d.state.end_offset);
                 Err(e.into())
             }
@@ -1227,11 +1219,18 @@ impl LogWriter {
         }
     }
 
+    /// Forgets the batch in progress, in memory only: the state goes back to
+    /// before it.
+    fn forget_pending(&mut self) -> Option<Pending> {
+        let p = self.pending.take()?;
+        self.buf.clear();
+        self.state = p.start;
+        Some(p)
+    }
+
     /// Drops the batch in progress, cutting off whatever of it reached the file.
     pub fn abort(&mut self) {
-        if let Some(p) = self.pending.take() {
-            self.buf.clear();
-            self.state = p.start;
+        if let Some(p) = self.forget_pending() {
             // While deferred units wait, nothing of this batch reached the file
             // (writing any of it writes them first), and the file ends before
             // them: cutting it at the batch's start would extend it instead.

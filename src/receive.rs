@@ -120,7 +120,7 @@ impl SnapshotCopy {
             return None;
         }
         let until = self.from.saturating_add(wire::pages_per_reply(self.page_size)).min(self.db_pages.saturating_add(1));
-        let r = (self.from, until.max(self.from + 1));
+        let r = (self.from, until);
         self.from = r.1;
         Some(r)
     }

@@ -263,9 +263,8 @@ impl ReplicaSockets {
             let (m, nonce) = self.sealer.seal(Channel::Request, &[0; NONCE_LEN], msg);
             self.request.send(&m[..]).map_err(|(_, e)| format!("catch-up request not sent: {e}"))?;
             let reply = self.request.recv().map_err(|e| format!("no catch-up reply: {e}"))?;
-            match self.open_reply(&nonce, reply.as_slice(), &mut retries) {
-                Some(opened) => return opened,
-                None => continue,
+            if let Some(opened) = self.open_reply(&nonce, reply.as_slice(), &mut retries) {
+                return opened;
             }
         }
     }
