@@ -250,11 +250,19 @@ fn append_commits(
     // frame; whether the WAL was restarted under them is checked once, at the
     // end, for all of them (salts never come back).
     let mut unchecked = false;
+    // Consecutive small commits are merged into one log transaction (see
+    // `append_small_transaction`).
+    let mut group = Group::default();
+    let fsz = w.frame_size();
+    let small_frames = (SMALL_TRANSACTION / fsz) as u32;
     let foreign = loop {
-        let Some(c) = w.next_commit(&pos, &mut scratch)? else { break None };
-        if limit.is_some_and(|l| c.commit > l) {
-            break None;
-        }
+        // Up to what the wal-index says is committed, frames are trusted as
+        // SQLite's readers trust them, and read only once known to be kept.
+        let found = match limit {
+            Some(l) => w.next_indexed_commit(&pos, l, &mut group.page_nos, small_frames)?,
+            None => w.next_commit(&pos, &mut scratch)?,
+        };
+        let Some(c) = found else { break None };
         if let Some(cs) = claim_state {
             let (s1, s2) = (w.header.salt1, w.header.salt2);
             if !cs.covers(s1, s2, c.commit) {
@@ -269,29 +277,69 @@ fn append_commits(
                 }
             }
         }
-        // Each transaction as a batch: each page once, with its final content;
-        // the last frame carries the database size.
-        let small = (c.commit - c.first + 1) as usize * w.frame_size() <= SMALL_TRANSACTION;
-        out.frames += if small {
-            append_small_transaction(log, w, &c)?
-        } else {
-            if unchecked {
-                // A large transaction reaches the file while it is copied, and
-                // the units waiting before it with it: check them first.
-                still_in_wal(log, w, &pos)?;
-                unchecked = false;
-            }
-            // Checks the WAL header itself after copying.
-            append_streamed_transaction(log, w, &c, &mut page)?
-        };
-        unchecked |= small;
         out.transactions += 1;
-        pos = c.end;
+        let before = std::mem::replace(&mut pos, c.end);
+        if c.commit - c.first < small_frames {
+            if group.commit.is_some_and(|g| c.commit - g.first >= small_frames) {
+                // Too big together: the group so far goes first.
+                let new_part = if limit.is_some() { group.page_nos.split_off(group.frames()) } else { Vec::new() };
+                out.frames += group.append(log, w, limit.is_some())?;
+                group.page_nos = new_part;
+                unchecked = true;
+            }
+            group.commit = Some(WalCommit { first: group.commit.map_or(c.first, |g| g.first), ..c });
+            continue;
+        }
+        if group.commit.is_some() {
+            out.frames += group.append(log, w, limit.is_some())?;
+            unchecked = true;
+        }
+        if unchecked {
+            // A large transaction reaches the file while it is copied, and
+            // the units waiting before it with it: check them first.
+            still_in_wal(log, w, &before)?;
+            unchecked = false;
+        }
+        // Checks the WAL header itself after copying.
+        out.frames += append_streamed_transaction(log, w, &c, &mut page)?;
     };
+    if group.commit.is_some() {
+        // A commit found but not taken (foreign) left its page numbers.
+        group.page_nos.truncate(group.frames());
+        out.frames += group.append(log, w, limit.is_some())?;
+        unchecked = true;
+    }
     if unchecked {
         still_in_wal(log, w, &pos)?;
     }
     Ok(foreign)
+}
+
+/// Small commits, consecutive in the WAL, to be appended as one log
+/// transaction: frames `first..=commit` of `commit`, and, when found through
+/// the wal-index, the page number of each of those frames.
+#[derive(Default)]
+struct Group {
+    commit: Option<WalCommit>,
+    page_nos: Vec<u32>,
+}
+
+impl Group {
+    fn frames(&self) -> usize {
+        self.commit.map_or(0, |c| (c.commit - c.first + 1) as usize)
+    }
+
+    /// Appends the group and empties it.
+    fn append(&mut self, log: &mut LogWriter, w: &WalFile, indexed: bool) -> Result<u64, CaptureError> {
+        let Some(c) = self.commit.take() else { return Ok(0) };
+        let r = if indexed {
+            append_indexed_transaction(log, w, &c, &self.page_nos)
+        } else {
+            append_small_transaction(log, w, &c)
+        };
+        self.page_nos.clear();
+        r
+    }
 }
 
 /// The transactions copied up to `pos` and not yet written are dropped unless
@@ -384,7 +432,17 @@ where
     r.map(|_| kept)
 }
 
-/// Appends a small committed transaction, read whole into memory.
+/// Appends small committed transactions, consecutive in the WAL, as one log
+/// transaction: `c` runs from the first one's first frame to the last one's
+/// commit. Read whole into memory; each page once, with its last version.
+///
+/// Why merging is safe: a log transaction is applied whole, so a replica moves
+/// from the state before the first commit straight to the state after the last,
+/// both states the primary committed. Keeping each page's last version among
+/// pages up to the last commit's size is exactly what SQLite reads from this
+/// WAL after that commit. Why merge: under a stream of commits that each
+/// rewrite the same few pages, a pass writes, publishes and applies those pages
+/// once rather than once per commit.
 fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> Result<u64, CaptureError> {
     let fsz = w.frame_size();
     let mut region = vec![0u8; (c.commit - c.first + 1) as usize * fsz];
@@ -410,6 +468,51 @@ fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> 
         Ok(())
     })
 }
+
+/// `append_small_transaction` for frames the wal-index says are committed,
+/// whose page numbers (`page_nos`, one per frame) are known from their
+/// headers: reads only the frames it keeps, consecutive ones together, and
+/// checks each against its header as first read.
+fn append_indexed_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page_nos: &[u32]) -> Result<u64, CaptureError> {
+    if page_nos.len() != (c.commit - c.first + 1) as usize {
+        return Err(CaptureError::Io(io::Error::other("internal error: page numbers do not match the frames")));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(page_nos.len());
+    let mut keep = vec![false; page_nos.len()];
+    for (i, &p) in page_nos.iter().enumerate().rev() {
+        keep[i] = p <= c.db_pages && seen.insert(p);
+    }
+    let kept = keep.iter().filter(|k| **k).count() as u64;
+    let fsz = w.frame_size();
+    let mut buf = Vec::new();
+    write_batch(log, w, c, kept, false, |emit| {
+        let mut i = 0;
+        while i < keep.len() {
+            if !keep[i] {
+                i += 1;
+                continue;
+            }
+            let mut end = i + 1;
+            while end < keep.len() && keep[end] && (end - i) * fsz < READ_RUN {
+                end += 1;
+            }
+            buf.resize((end - i) * fsz, 0);
+            w.read_frames_direct(c.first + i as u32, &mut buf)?;
+            for (f, &page_no) in buf.chunks_exact(fsz).zip(&page_nos[i..end]) {
+                let h = crate::wal::WalFrameHeader::parse(f);
+                if (h.salt1, h.salt2) != (w.header.salt1, w.header.salt2) || h.page_no != page_no {
+                    return Err(wal_changed());
+                }
+                emit(page_no, &f[crate::wal::WAL_FRAME_HEADER_LEN..])?;
+            }
+            i = end;
+        }
+        Ok(())
+    })
+}
+
+/// The most `append_indexed_transaction` reads at once.
+const READ_RUN: usize = 256 << 10;
 
 /// Appends a transaction of any size in bounded memory: validated already, its
 /// frames are read twice more, headers backwards to find each page's last
@@ -811,6 +914,166 @@ mod tests {
         // Nothing new: idempotent.
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert_eq!(r.transactions, 0);
+    }
+
+    #[test]
+    fn commits_found_in_one_pass_become_one_log_transaction_of_last_versions() {
+        let d = dir("merge");
+        let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
+        make_db(&db, 3);
+        let mut b = WalBuilder::new(512, 5, 6);
+        b.frame(4, 4, 0xA1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
+        let f = File::open(&db).unwrap();
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        let sizes_committed = |log: &mut LogWriter| {
+            log.flush().unwrap();
+            let mut sizes = Vec::new();
+            LogFile::open(&logp)
+                .unwrap()
+                .scan_all(|_, r, _| {
+                    if let Record::Commit(c) = r {
+                        sizes.push(c.size_after);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            sizes
+        };
+        let before = (log.state, sizes_committed(&mut log).len());
+        // Three commits: page 4 rewritten, then the database shrinks to 3
+        // pages (page 4 goes), then page 2 is rewritten.
+        b.frame(4, 0, 0xB1).frame(1, 4, 0xB2).frame(1, 3, 0xC1).frame(2, 3, 0xD1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        assert_eq!((r.transactions, r.frames), (3, 2), "pages 1 and 2, each once");
+        let sizes = sizes_committed(&mut log);
+        assert_eq!(sizes.len(), before.1 + 1, "one log transaction for the three");
+        assert_eq!(sizes.last(), Some(&3), "with the last commit's size");
+        assert_eq!(log.state.last_frame_no, before.0.last_frame_no + 2);
+        let pages = replay(&logp);
+        assert_eq!(pages.len(), 3);
+        assert_eq!(pages[&1][0], 0xC1);
+        assert_eq!(pages[&2][0], 0xD1);
+        assert_eq!(pages[&3][200], 102, "from the base image");
+    }
+
+    /// Random histories of commits (rewrites, growth, shrinking, transactions
+    /// big enough to stream), captured in passes that each stop at a random
+    /// commit, following the wal-index or not: after every pass, the log
+    /// replays to exactly what SQLite reads from the WAL as of that commit.
+    #[test]
+    fn captured_passes_replay_to_the_committed_state_with_and_without_the_wal_index() {
+        let fsz = 512 + crate::wal::WAL_FRAME_HEADER_LEN;
+        let small_frames = (SMALL_TRANSACTION / fsz) as u32;
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rand = move |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as u32
+        };
+        for (case, indexed) in [(0, true), (1, false), (2, true), (3, false)] {
+            let d = dir(&format!("model-{case}"));
+            let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
+            make_db(&db, 3);
+            let mut b = WalBuilder::new(512, 7, 8 + case);
+            // The model: each page's last committed byte, and the size.
+            let mut model: BTreeMap<u32, u8> = (1..=3).map(|p| (p, 0u8)).collect();
+            let mut size = 3u32;
+            // Commit boundaries: (commit frame, the model after it).
+            let mut commits = Vec::new();
+            let mut frames = 0u32;
+            let mut fill = 1u8;
+            for t in 0..60 {
+                // Mostly one to three pages; twice, more than SMALL_TRANSACTION;
+                // often half of it, so that a pass's commits together are more
+                // than SMALL_TRANSACTION.
+                let n = match t {
+                    20 | 41 => small_frames + 3,
+                    _ if t % 3 == 1 => small_frames / 2,
+                    _ => 1 + rand(3),
+                };
+                let new_size = match rand(10) {
+                    0 if size > 2 => size - 1,
+                    1 => size + 1,
+                    _ => size,
+                };
+                let mut pages: Vec<u32> = (0..n).map(|_| 1 + rand(new_size.max(2))).collect();
+                if new_size > size {
+                    pages.push(new_size); // SQLite writes every page it extends into
+                }
+                for (i, &p) in pages.iter().enumerate() {
+                    fill = fill.wrapping_add(1).max(1);
+                    let commit = if i + 1 == pages.len() { new_size } else { 0 };
+                    b.frame(p, commit, fill);
+                    frames += 1;
+                    model.insert(p, fill);
+                }
+                size = new_size;
+                model.retain(|p, _| *p <= size);
+                commits.push((frames, model.clone()));
+            }
+            std::fs::write(&wal, &b.bytes).unwrap();
+            let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
+            let f = File::open(&db).unwrap();
+            let mut done = 0;
+            let mut first = true;
+            while done < commits.len() {
+                let upto = (done + 1 + rand(12) as usize).min(commits.len());
+                let (frame, expected) = &commits[upto - 1];
+                let committed = if indexed {
+                    Committed::WalIndex(WalMark { salt1: 7, salt2: 8 + case, frame: *frame })
+                } else {
+                    // Without a wal-index, everything in the file counts: cut it there.
+                    std::fs::write(&wal, &b.bytes[..32 + *frame as usize * fsz]).unwrap();
+                    Committed::Unknown
+                };
+                let paths = Paths { db: &db, wal: &wal, committed };
+                let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+                if first {
+                    // The first pass takes a base image, as of the commit.
+                    assert!(r.new_generation.is_some());
+                    first = false;
+                } else {
+                    assert_eq!(r.transactions as usize, upto - done, "case {case}");
+                }
+                // A page from a frame is filled with one byte; one from the
+                // database file is not (0 in the model).
+                let got: BTreeMap<u32, u8> =
+                    replay(&logp).iter().map(|(p, b)| (*p, if b.iter().all(|x| *x == b[0]) { b[0] } else { 0 })).collect();
+                assert_eq!(&got, expected, "case {case}, after commit {upto}");
+                done = upto;
+            }
+        }
+    }
+
+    #[test]
+    fn claimed_commits_before_a_foreign_one_are_captured_before_the_new_generation() {
+        let d = dir("claimed-then-foreign");
+        let (db, wal, logp) = (d.join("x.db"), d.join("x.db-wal"), d.join("x.db-walcast"));
+        make_db(&db, 3);
+        let claims = ClaimFile::open(&d.join("x.db-walcast-claim")).unwrap();
+        let mut b = WalBuilder::new(512, 5, 6);
+        b.frame(1, 3, 0xA1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
+        let f = File::open(&db).unwrap();
+        let mark = |frame| Committed::WalIndex(WalMark { salt1: 5, salt2: 6, frame });
+        let paths = Paths { db: &db, wal: &wal, committed: mark(1) };
+        catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), Some(&claims)).unwrap();
+        let generation = log.state.generation;
+        // Two claimed commits, then one no walcast writer claimed.
+        b.frame(2, 0, 0xB1).frame(1, 3, 0xB2).frame(3, 3, 0xC1).frame(2, 3, 0xD1);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        claims.write_claim(WalMark { salt1: 5, salt2: 6, frame: 4 });
+        let paths = Paths { db: &db, wal: &wal, committed: mark(5) };
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), Some(&claims)).unwrap();
+        assert_eq!(r.transactions, 2, "the claimed ones");
+        assert!(r.new_generation.unwrap().contains("without walcast"));
+        assert_eq!(log.state.generation, generation + 1);
     }
 
     /// A two-page database with one committed WAL transaction, and a log that

@@ -283,6 +283,56 @@ impl WalFile {
         Ok(None)
     }
 
+    /// The next commit after `from`, at or before frame `committed`, which the
+    /// wal-index says SQLite committed. SQLite's readers trust such frames
+    /// without checking their checksums, and so does this: it reads only frame
+    /// headers, one small read each, and checks their salts. It reads no page,
+    /// so a pass over many commits that rewrite the same pages reads each page
+    /// once, later, and only its last version. The running checksum at the
+    /// commit is the one its frame header records.
+    ///
+    /// Appends the page number of each frame to `page_nos` while the
+    /// transaction is at most `collect_up_to` frames; a longer one leaves
+    /// `page_nos` as it found it (its caller streams it instead).
+    pub fn next_indexed_commit(&self, from: &WalPos, committed: u32, page_nos: &mut Vec<u32>, collect_up_to: u32) -> io::Result<Option<WalCommit>> {
+        let start = page_nos.len();
+        let last = committed.min(self.frames_in_file());
+        let mut b = [0u8; WAL_FRAME_HEADER_LEN];
+        let mut frame = from.frame;
+        while frame < last {
+            frame += 1;
+            self.file.read_exact_at(&mut b, self.frame_offset(frame))?;
+            let h = WalFrameHeader::parse(&b);
+            if h.salt1 != self.header.salt1 || h.salt2 != self.header.salt2 || h.page_no == 0 {
+                // Not this WAL's frame: the WAL was restarted under the pass,
+                // which its final check of the WAL header finds.
+                page_nos.truncate(start);
+                return Ok(None);
+            }
+            if frame - from.frame <= collect_up_to {
+                page_nos.push(h.page_no);
+            } else {
+                page_nos.truncate(start);
+            }
+            if h.commit_size != 0 {
+                return Ok(Some(WalCommit {
+                    first: from.frame + 1,
+                    commit: frame,
+                    db_pages: h.commit_size,
+                    end: WalPos { salt1: h.salt1, salt2: h.salt2, frame, cksum: h.cksum },
+                }));
+            }
+        }
+        page_nos.truncate(start);
+        Ok(None)
+    }
+
+    /// Reads whole frames from `first` on into `buf`, from the file itself (not
+    /// through the read-ahead window).
+    pub fn read_frames_direct(&self, first: u32, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.frame_offset(first))
+    }
+
     /// The position after the last valid commit in the WAL, at or before frame
     /// `limit` when one is given.
     pub fn last_commit(&self, page: &mut Vec<u8>, limit: Option<u32>) -> io::Result<(WalPos, Option<u32>)> {
