@@ -108,8 +108,26 @@ pub struct PrimarySockets {
     pub sealer: Sealer,
 }
 
+/// Catch-up and bootstrap move messages of up to `wire::MAX_MESSAGE` many times
+/// a second, and NNG allocates (and zeroes) each one with malloc. glibc serves
+/// a block that big with a fresh mmap, so every message paid page faults and
+/// the kernel's zeroing (half of a catch-up's time, measured), until the process
+/// has freed a bigger block: glibc's mmap threshold then rises to that size
+/// (mallopt(3), M_MMAP_THRESHOLD, "dynamic") and later messages reuse heap
+/// memory. This frees one such block on purpose, once per socket set, rather
+/// than leave it to chance (capture's buffers used to do it by accident). The
+/// process's own allocations up to that size then come from the heap too, as
+/// after any free of a block that big.
+fn let_messages_reuse_heap_memory() {
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        // Allocated without being touched (calloc of fresh mmap memory), freed at once.
+        std::hint::black_box(vec![0u8; crate::wire::MAX_MESSAGE + (64 << 10)]);
+    }
+}
+
 impl PrimarySockets {
     pub fn listen(ep: &Endpoint, sealer: Sealer) -> Result<PrimarySockets, String> {
+        let_messages_reuse_heap_memory();
         let publish = Socket::new(Protocol::Pub0).map_err(|e| nng_err("cannot create a PUB socket for", &ep.url, e))?;
         let replicas = count_pipes(&publish);
         // A slow replica must never block the publisher: sends that cannot be
@@ -217,6 +235,7 @@ impl ReplicaSockets {
     }
 
     pub fn dial(ep: &Endpoint, sealer: Sealer) -> Result<ReplicaSockets, String> {
+        let_messages_reuse_heap_memory();
         let subscribe = Socket::new(Protocol::Sub0).map_err(|e| nng_err("cannot create a SUB socket for", &ep.url, e))?;
         subscribe.set_opt::<Subscribe>(vec![]).map_err(|e| nng_err("cannot subscribe to", &ep.url, e))?;
         let connected = count_pipes(&subscribe);
