@@ -30,6 +30,7 @@ pub mod receive;
 pub mod replica;
 pub mod restore;
 pub mod seal;
+pub mod signal;
 pub mod sql;
 pub mod status;
 pub mod transport;

@@ -15,7 +15,6 @@ use crate::claim::{self, ClaimFile, WalMark};
 use crate::conf::{self, Conf, Role};
 use crate::log::{hex, LogError, LogWriter, WalCursor};
 use crate::vfs::{Connection, PrivateDb};
-use crossbeam_channel::{bounded, Receiver, Sender};
 use libsqlite3_sys as ffi;
 use std::collections::HashMap;
 use std::fs::File;
@@ -134,8 +133,7 @@ pub struct DbState {
     /// The role is replica: write transactions are refused.
     replica_role: AtomicBool,
     loaded: AtomicBool,
-    wake_tx: Sender<()>,
-    wake_rx: Receiver<()>,
+    wake: crate::signal::Signal,
     thread_started: AtomicBool,
     /// Main-database handles this process has open on this database.
     open_handles: AtomicUsize,
@@ -197,7 +195,6 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
     let mut r = registry().lock().unwrap_or_else(|e| e.into_inner());
     r.entry(db_path.to_string())
         .or_insert_with(|| {
-            let (wake_tx, wake_rx) = bounded(1);
             Arc::new(DbState {
                 db_path: db_path.to_string(),
                 wal_path: format!("{db_path}-wal").into(),
@@ -217,8 +214,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 capturing: AtomicBool::new(false),
                 refusing_writes: AtomicBool::new(false),
                 loaded: AtomicBool::new(false),
-                wake_tx,
-                wake_rx,
+                wake: Default::default(),
                 thread_started: AtomicBool::new(false),
                 open_handles: AtomicUsize::new(0),
                 claims: OnceLock::new(),
@@ -792,7 +788,7 @@ impl DbState {
         // starting a generation. Hooks and SQL functions catch up synchronously.
         self.start_thread();
         self.start_publisher(g);
-        let _ = self.wake_tx.try_send(());
+        self.wake.raise();
         Ok(())
     }
 
@@ -826,9 +822,9 @@ impl DbState {
             // writes made without walcast. Once it has closed it, touch nothing
             // until it is opened again.
             if self.open_handles.load(Ordering::Acquire) > 0 {
-                let _ = self.wake_rx.recv_timeout(Duration::from_secs(1));
+                self.wake.wait(Some(Duration::from_secs(1)));
             } else {
-                let _ = self.wake_rx.recv();
+                self.wake.wait(None);
             }
             if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
                 self.lock().capture_db = None;
@@ -914,7 +910,7 @@ impl DbState {
                     Streak::recovered(&mut g.failure_streak, &self.failure_path);
                 }
                 if let Some(p) = &g.publisher {
-                    let _ = p.wake.try_send(());
+                    p.wake.raise();
                 }
                 if let Some(reason) = &c.new_generation {
                     let generation = g.log.as_ref().map(|l| l.state.generation).unwrap_or(0);
@@ -1472,7 +1468,7 @@ impl DbState {
             *m = None;
         }
         if self.is_capturing() {
-            let _ = self.wake_tx.try_send(());
+            self.wake.raise();
         }
     }
 }

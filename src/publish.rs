@@ -12,7 +12,7 @@
 use crate::logtail::{LogTail, Pos, Unit};
 use crate::transport::{Endpoint, PrimarySockets};
 use crate::wire::{self, Body, FramesBuilder, PagesBuilder};
-use crossbeam_channel::{Receiver, Sender};
+use crate::signal::Signal;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
@@ -48,7 +48,7 @@ pub struct PublishStats {
 }
 
 pub struct Publisher {
-    pub wake: Sender<()>,
+    pub wake: Arc<Signal>,
     stop: Arc<AtomicBool>,
     pub stats: Arc<PublishStats>,
     pub endpoint: Endpoint,
@@ -58,7 +58,7 @@ pub struct Publisher {
 impl Drop for Publisher {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.wake.try_send(());
+        self.wake.raise();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -66,7 +66,8 @@ impl Drop for Publisher {
 }
 
 pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher {
-    let (tx, rx) = crossbeam_channel::bounded(1);
+    let wake = Arc::new(Signal::default());
+    let rx = wake.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(PublishStats::default());
     let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
@@ -85,7 +86,7 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
             }
         })
         .ok();
-    Publisher { wake: tx, stop, stats, endpoint, thread }
+    Publisher { wake, stop, stats, endpoint, thread }
 }
 
 /// Whether the database's conf still makes it a primary (an unreadable conf
@@ -131,7 +132,7 @@ fn publisher_thread(
     log_path: &std::path::Path,
     lock_path: &std::path::Path,
     ep: &Endpoint,
-    rx: &Receiver<()>,
+    rx: &Signal,
     stop: &AtomicBool,
     stats: &Arc<PublishStats>,
 ) {
@@ -149,13 +150,13 @@ fn publisher_thread(
             return;
         }
         if !conf_says_primary(name) {
-            let _ = rx.recv_timeout(Duration::from_millis(250));
+            rx.wait(Some(Duration::from_millis(250)));
             continue;
         }
         match lock.try_lock() {
             Ok(()) => break,
             Err(_) => {
-                let _ = rx.recv_timeout(Duration::from_millis(250));
+                rx.wait(Some(Duration::from_millis(250)));
             }
         }
     }
@@ -166,7 +167,7 @@ fn publisher_thread(
         Err(e) => {
             set_error(stats, name, Some(format!("not publishing: {e}")));
             drop(lock);
-            let _ = rx.recv_timeout(Duration::from_secs(1));
+            rx.wait(Some(Duration::from_secs(1)));
             return;
         }
     };
@@ -176,7 +177,7 @@ fn publisher_thread(
             set_error(stats, name, Some(e));
             write_status(name, ep, stats);
             drop(lock);
-            let _ = rx.recv_timeout(Duration::from_secs(1));
+            rx.wait(Some(Duration::from_secs(1)));
             return;
         }
     };
@@ -184,7 +185,7 @@ fn publisher_thread(
         Ok(t) => t,
         Err(e) => {
             set_error(stats, name, Some(format!("cannot read {}: {e}", log_path.display())));
-            let _ = rx.recv_timeout(Duration::from_secs(1));
+            rx.wait(Some(Duration::from_secs(1)));
             return;
         }
     };
@@ -196,7 +197,7 @@ fn publisher_thread(
             Ok(None) => break,
             Err(e) => {
                 set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
-                let _ = rx.recv_timeout(Duration::from_secs(1));
+                rx.wait(Some(Duration::from_secs(1)));
                 return;
             }
         }
@@ -231,7 +232,7 @@ fn publisher_thread(
     let mut last_send = Instant::now() - COALESCE;
     let mut last_conf_check = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        let _ = rx.recv_timeout(POLL);
+        rx.wait(Some(POLL));
         // A demotion or a role change by another process: stop publishing (a
         // demoted primary must not keep serving its history).
         if last_conf_check.elapsed() >= Duration::from_millis(250) {
@@ -261,7 +262,7 @@ fn publisher_thread(
                 Ok(None) => break,
                 Err(e) => {
                     set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
-                    let _ = rx.recv_timeout(Duration::from_secs(1));
+                    rx.wait(Some(Duration::from_secs(1)));
                     break;
                 }
             }
