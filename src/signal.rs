@@ -32,7 +32,11 @@ impl Signal {
     pub fn raise(&self) {
         let mut s = self.lock();
         s.raised = true;
-        if s.waiting {
+        let waiting = s.waiting;
+        // Woken after the lock is released, so that the waiter does not wake
+        // only to wait for it.
+        drop(s);
+        if waiting {
             self.cond.notify_one();
         }
     }
