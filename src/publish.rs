@@ -67,7 +67,7 @@ impl Drop for Publisher {
 
 pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher {
     let wake = Arc::new(Signal::default());
-    let rx = wake.clone();
+    let thread_wake = wake.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(PublishStats::default());
     let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
@@ -77,7 +77,7 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
         .spawn(move || {
             while !s2.load(Ordering::Acquire) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    publisher_thread(&name, &log_path, &lock_path, &ep2, &rx, &s2, &st2)
+                    publisher_thread(&name, &log_path, &lock_path, &ep2, &thread_wake, &s2, &st2)
                 }));
                 if r.is_err() {
                     crate::primary::report(&format!("{name}: internal error in the publisher; restarting it"));
@@ -132,7 +132,7 @@ fn publisher_thread(
     log_path: &std::path::Path,
     lock_path: &std::path::Path,
     ep: &Endpoint,
-    rx: &Signal,
+    wake: &Signal,
     stop: &AtomicBool,
     stats: &Arc<PublishStats>,
 ) {
@@ -150,13 +150,13 @@ fn publisher_thread(
             return;
         }
         if !conf_says_primary(name) {
-            rx.wait(Some(Duration::from_millis(250)));
+            wake.wait(Some(Duration::from_millis(250)));
             continue;
         }
         match lock.try_lock() {
             Ok(()) => break,
             Err(_) => {
-                rx.wait(Some(Duration::from_millis(250)));
+                wake.wait(Some(Duration::from_millis(250)));
             }
         }
     }
@@ -167,7 +167,7 @@ fn publisher_thread(
         Err(e) => {
             set_error(stats, name, Some(format!("not publishing: {e}")));
             drop(lock);
-            rx.wait(Some(Duration::from_secs(1)));
+            wake.wait(Some(Duration::from_secs(1)));
             return;
         }
     };
@@ -177,7 +177,7 @@ fn publisher_thread(
             set_error(stats, name, Some(e));
             write_status(name, ep, stats);
             drop(lock);
-            rx.wait(Some(Duration::from_secs(1)));
+            wake.wait(Some(Duration::from_secs(1)));
             return;
         }
     };
@@ -185,7 +185,7 @@ fn publisher_thread(
         Ok(t) => t,
         Err(e) => {
             set_error(stats, name, Some(format!("cannot read {}: {e}", log_path.display())));
-            rx.wait(Some(Duration::from_secs(1)));
+            wake.wait(Some(Duration::from_secs(1)));
             return;
         }
     };
@@ -197,7 +197,7 @@ fn publisher_thread(
             Ok(None) => break,
             Err(e) => {
                 set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
-                rx.wait(Some(Duration::from_secs(1)));
+                wake.wait(Some(Duration::from_secs(1)));
                 return;
             }
         }
@@ -232,7 +232,7 @@ fn publisher_thread(
     let mut last_send = Instant::now() - COALESCE;
     let mut last_conf_check = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        rx.wait(Some(POLL));
+        wake.wait(Some(POLL));
         // A demotion or a role change by another process: stop publishing (a
         // demoted primary must not keep serving its history).
         if last_conf_check.elapsed() >= Duration::from_millis(250) {
@@ -262,7 +262,7 @@ fn publisher_thread(
                 Ok(None) => break,
                 Err(e) => {
                     set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
-                    rx.wait(Some(Duration::from_secs(1)));
+                    wake.wait(Some(Duration::from_secs(1)));
                     break;
                 }
             }
