@@ -246,8 +246,8 @@ fn append_commits(
 ) -> Result<Option<String>, CaptureError> {
     let mut page = vec![0u8; w.page_size()];
     let mut scratch = Vec::new();
-    // Small transactions are copied from memory read once and checked frame by
-    // frame; whether the WAL was restarted under them is checked once, at the
+    // Small transactions are copied checking each frame read against its
+    // header; whether the WAL was restarted under them is checked once, at the
     // end, for all of them (salts never come back).
     let mut unchecked = false;
     // Consecutive small commits are merged into one log transaction (see
@@ -260,7 +260,16 @@ fn append_commits(
         // SQLite's readers trust them, and read only once known to be kept.
         let found = match limit {
             Some(l) => w.next_indexed_commit(&pos, l, &mut group.page_nos, small_frames)?,
-            None => w.next_commit(&pos, &mut scratch)?,
+            // Without it, each frame is verified (checksum chain) first.
+            None => {
+                let c = w.next_commit(&pos, &mut scratch)?;
+                if let Some(c) = c.filter(|c| c.commit - c.first < small_frames) {
+                    for f in c.first..=c.commit {
+                        group.page_nos.push(w.read_frame_header(f)?.page_no);
+                    }
+                }
+                c
+            }
         };
         let Some(c) = found else { break None };
         if let Some(cs) = claim_state {
@@ -282,8 +291,8 @@ fn append_commits(
         if c.commit - c.first < small_frames {
             if group.commit.is_some_and(|g| c.commit - g.first >= small_frames) {
                 // Too big together: the group so far goes first.
-                let new_part = if limit.is_some() { group.page_nos.split_off(group.frames()) } else { Vec::new() };
-                out.frames += group.append(log, w, limit.is_some())?;
+                let new_part = group.page_nos.split_off(group.frames());
+                out.frames += group.append(log, w)?;
                 group.page_nos = new_part;
                 unchecked = true;
             }
@@ -291,7 +300,7 @@ fn append_commits(
             continue;
         }
         if group.commit.is_some() {
-            out.frames += group.append(log, w, limit.is_some())?;
+            out.frames += group.append(log, w)?;
             unchecked = true;
         }
         if unchecked {
@@ -306,7 +315,7 @@ fn append_commits(
     if group.commit.is_some() {
         // A commit found but not taken (foreign) left its page numbers.
         group.page_nos.truncate(group.frames());
-        out.frames += group.append(log, w, limit.is_some())?;
+        out.frames += group.append(log, w)?;
         unchecked = true;
     }
     if unchecked {
@@ -316,8 +325,8 @@ fn append_commits(
 }
 
 /// Small commits, consecutive in the WAL, to be appended as one log
-/// transaction: frames `first..=commit` of `commit`, and, when found through
-/// the wal-index, the page number of each of those frames.
+/// transaction: frames `first..=commit` of `commit`, and the page number of
+/// each of those frames.
 #[derive(Default)]
 struct Group {
     commit: Option<WalCommit>,
@@ -330,13 +339,9 @@ impl Group {
     }
 
     /// Appends the group and empties it.
-    fn append(&mut self, log: &mut LogWriter, w: &WalFile, indexed: bool) -> Result<u64, CaptureError> {
+    fn append(&mut self, log: &mut LogWriter, w: &WalFile) -> Result<u64, CaptureError> {
         let Some(c) = self.commit.take() else { return Ok(0) };
-        let r = if indexed {
-            append_indexed_transaction(log, w, &c, &self.page_nos)
-        } else {
-            append_small_transaction(log, w, &c)
-        };
+        let r = append_small_transaction(log, w, &c, &self.page_nos);
         self.page_nos.clear();
         r
     }
@@ -434,7 +439,10 @@ where
 
 /// Appends small committed transactions, consecutive in the WAL, as one log
 /// transaction: `c` runs from the first one's first frame to the last one's
-/// commit. Read whole into memory; each page once, with its last version.
+/// commit, and `page_nos` holds the page number of each of its frames (from
+/// their headers). Each page once, with its last version: only the frames it
+/// keeps are read, consecutive ones together, and each is checked against its
+/// header as first read.
 ///
 /// Why merging is safe: a log transaction is applied whole, so a replica moves
 /// from the state before the first commit straight to the state after the last,
@@ -443,37 +451,7 @@ where
 /// WAL after that commit. Why merge: under a stream of commits that each
 /// rewrite the same few pages, a pass writes, publishes and applies those pages
 /// once rather than once per commit.
-fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit) -> Result<u64, CaptureError> {
-    let fsz = w.frame_size();
-    let mut region = vec![0u8; (c.commit - c.first + 1) as usize * fsz];
-    w.read_frames(c.first, &mut region)?;
-    let frames: Vec<&[u8]> = region.chunks_exact(fsz).collect();
-    // The last version of each page: walk backwards, keep the first sighting.
-    let mut seen = std::collections::HashSet::with_capacity(frames.len());
-    let mut keep = vec![false; frames.len()];
-    for (i, f) in frames.iter().enumerate().rev() {
-        let h = crate::wal::WalFrameHeader::parse(f);
-        if (h.salt1, h.salt2) != (w.header.salt1, w.header.salt2) {
-            return Err(wal_changed());
-        }
-        keep[i] = h.page_no <= c.db_pages && seen.insert(h.page_no);
-    }
-    let kept = keep.iter().filter(|k| **k).count() as u64;
-    // Copied from the bytes just checked: the caller checks the WAL header once
-    // for the pass.
-    write_batch(log, w, c, kept, false, |emit| {
-        for (f, _) in frames.iter().zip(&keep).filter(|(_, k)| **k) {
-            emit(crate::wal::WalFrameHeader::parse(f).page_no, &f[crate::wal::WAL_FRAME_HEADER_LEN..])?;
-        }
-        Ok(())
-    })
-}
-
-/// `append_small_transaction` for frames the wal-index says are committed,
-/// whose page numbers (`page_nos`, one per frame) are known from their
-/// headers: reads only the frames it keeps, consecutive ones together, and
-/// checks each against its header as first read.
-fn append_indexed_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page_nos: &[u32]) -> Result<u64, CaptureError> {
+fn append_small_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, page_nos: &[u32]) -> Result<u64, CaptureError> {
     if page_nos.len() != (c.commit - c.first + 1) as usize {
         return Err(CaptureError::Io(io::Error::other("internal error: page numbers do not match the frames")));
     }
@@ -511,7 +489,7 @@ fn append_indexed_transaction(log: &mut LogWriter, w: &WalFile, c: &WalCommit, p
     })
 }
 
-/// The most `append_indexed_transaction` reads at once.
+/// The most `append_small_transaction` reads at once.
 const READ_RUN: usize = 256 << 10;
 
 /// Appends a transaction of any size in bounded memory: validated already, its
@@ -1112,7 +1090,8 @@ mod tests {
             log.begin_generation(512, "t").unwrap();
             log.commit(0, None).unwrap();
             let n = if small {
-                append_small_transaction(&mut log, &w, &c).unwrap()
+                let page_nos: Vec<u32> = (c.first..=c.commit).map(|f| w.read_frame_header(f).unwrap().page_no).collect();
+                append_small_transaction(&mut log, &w, &c, &page_nos).unwrap()
             } else {
                 append_streamed_transaction(&mut log, &w, &c, &mut vec![0u8; 512]).unwrap()
             };

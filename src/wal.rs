@@ -210,11 +210,6 @@ impl WalFile {
         WAL_FRAME_HEADER_LEN + self.page_size()
     }
 
-    /// Reads whole frames from `first` on into `buf` (a multiple of the frame size).
-    pub fn read_frames(&self, first: u32, buf: &mut [u8]) -> io::Result<()> {
-        self.read_frames_at(buf, self.frame_offset(first))
-    }
-
     /// Reads only the page of a frame.
     pub fn read_page(&self, frame: u32, page: &mut [u8]) -> io::Result<()> {
         self.read_frames_at(page, self.frame_offset(frame) + WAL_FRAME_HEADER_LEN as u64)
