@@ -848,12 +848,19 @@ impl DbState {
             // try again at the next wake-up rather than spin.
             for attempt in 0..50 {
                 let mut g = self.lock();
-                match self.catch_up_locked(&mut g) {
+                match self.catch_up_locked(&mut g, false) {
                     Err(CaptureError::Busy) => {
                         drop(g);
                         std::thread::sleep(Duration::from_millis(1 + attempt / 5));
                     }
                     r => {
+                        // This thread sends what it captured (not SQLite's:
+                        // see `CaptureSender`), without the state lock.
+                        let sender = g.publisher.as_ref().map(|p| p.sender.clone());
+                        drop(g);
+                        if let (Ok(_), Some(s)) = (&r, sender) {
+                            s.send_new_units();
+                        }
                         rate.update(r.map_or(0, |c| c.transactions), interval);
                         window = coalesce_window(&rate);
                         break;
@@ -864,7 +871,8 @@ impl DbState {
     }
 
     /// One catch-up attempt with the state lock held. Records the outcome.
-    fn catch_up_locked(&self, g: &mut Inner) -> Result<CatchUp, CaptureError> {
+    /// `wake_publisher`: false when the caller sends what was captured itself.
+    fn catch_up_locked(&self, g: &mut Inner, wake_publisher: bool) -> Result<CatchUp, CaptureError> {
         if g.fatal.is_some() || g.role != Role::Primary {
             return Ok(CatchUp::default());
         }
@@ -896,20 +904,21 @@ impl DbState {
             db.release_shm();
             r
         })();
-        self.record(g, r, false)
+        self.record(g, r, false, wake_publisher)
     }
 
     /// `syncs`: the operation syncs the log (before and after a WAL change), so
     /// its success ends a run of failures that included a failed sync; an
-    /// append that succeeds does not.
-    fn record(&self, g: &mut Inner, r: Result<CatchUp, CaptureError>, syncs: bool) -> Result<CatchUp, CaptureError> {
+    /// append that succeeds does not. `wake_publisher`: wake the publisher
+    /// thread to send what was appended (false: the caller sends it).
+    fn record(&self, g: &mut Inner, r: Result<CatchUp, CaptureError>, syncs: bool, wake_publisher: bool) -> Result<CatchUp, CaptureError> {
         match &r {
             Ok(c) => {
                 g.last_error = None;
                 if syncs || g.failure_streak.as_ref().is_some_and(|s| !s.sync_failed) {
                     Streak::recovered(&mut g.failure_streak, &self.failure_path);
                 }
-                if let Some(p) = &g.publisher {
+                if let Some(p) = g.publisher.as_ref().filter(|_| wake_publisher) {
                     p.wake.raise();
                 }
                 if let Some(reason) = &c.new_generation {
@@ -964,7 +973,7 @@ impl DbState {
         if g.role != Role::Primary {
             return Err(Some(format!("{} is not a walcast primary (walcast_role is '{}')", self.db_path, g.role.as_str())));
         }
-        match self.catch_up_locked(g) {
+        match self.catch_up_locked(g, true) {
             Ok(_) => Ok(()),
             Err(CaptureError::Busy) => Err(None),
             Err(e) => Err(Some(e.to_string())),
@@ -1335,7 +1344,7 @@ impl DbState {
         let pre = PrivateDb::open(&self.db_path)
             .map_err(CaptureError::Io)
             .and_then(|db| capture::before_wal_change(log, &paths, &db, claims, change));
-        if let Err(e) = self.record(&mut g, pre, true) {
+        if let Err(e) = self.record(&mut g, pre, true, true) {
             drop(locked);
             report(&format!("{}: capture failed before {what}, so it was refused: {e}", self.db_path));
             // A full disk is SQLITE_FULL to the client, as SQLite's own writes say.
@@ -1345,7 +1354,7 @@ impl DbState {
         if rc == ffi::SQLITE_OK {
             if let Some(log) = g.log.as_mut() {
                 let post = after(log, claims, &paths);
-                let _ = self.record(&mut g, post.map(|_| CatchUp::default()), true);
+                let _ = self.record(&mut g, post.map(|_| CatchUp::default()), true, true);
             }
         }
         drop(locked);

@@ -3,11 +3,12 @@
 //! catch-up server that answers replicas' requests for missed frames and for
 //! snapshots from the same log.
 //!
-//! Neither runs on SQLite's threads: the capture thread wakes the publisher with
-//! a non-blocking channel send after it appends to the log, and the publisher
-//! also looks at the log every few milliseconds, for units other processes
-//! appended. Only one process per database publishes, elected by an exclusive
-//! flock on `<db>-walcast-pub`; when it exits, another takes over.
+//! Neither runs on SQLite's threads. In the publishing process the capture
+//! thread sends what it has just appended itself (`CaptureSender`); the
+//! publisher thread looks at the log every few milliseconds, for units other
+//! processes appended, and sends heartbeats. Only one process per database
+//! publishes, elected by an exclusive flock on `<db>-walcast-pub`; when it
+//! exits, another takes over.
 
 use crate::logtail::{LogTail, Pos, Unit};
 use crate::transport::{Endpoint, PrimarySockets};
@@ -52,7 +53,82 @@ pub struct Publisher {
     stop: Arc<AtomicBool>,
     pub stats: Arc<PublishStats>,
     pub endpoint: Endpoint,
+    /// The capture thread's way to send (see `CaptureSender`).
+    pub sender: CaptureSender,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a publishing process sends from: its sockets and how far it has read
+/// the log.
+struct Live {
+    sockets: PrimarySockets,
+    tail: LogTail,
+    log_path: PathBuf,
+    /// A heartbeat is owed soon after activity (see the publisher's loop).
+    beat_owed: bool,
+    last_send: Instant,
+}
+
+impl Live {
+    /// Sends every unit appended to the log since the last look. Returns
+    /// false when the log cannot be read (the error is recorded).
+    fn send_new_units(&mut self, name: &str, stats: &PublishStats) -> bool {
+        let mut batch = Batch::default();
+        self.tail.forget_window();
+        let mut readable = true;
+        loop {
+            match self.tail.next_unit() {
+                Ok(Some(u)) => {
+                    if let Err(e) = batch.add(&self.sockets, &self.tail, &u) {
+                        set_error(stats, name, Some(format!("publishing failed: {e}")));
+                    }
+                    stats.published_frame_no.store(u.commit.last_frame_no, Ordering::Release);
+                    self.beat_owed = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    set_error(stats, name, Some(format!("cannot follow {}: {e}", self.log_path.display())));
+                    readable = false;
+                    break;
+                }
+            }
+        }
+        match batch.send(&self.sockets, &self.tail) {
+            Ok(true) => self.last_send = Instant::now(),
+            Ok(false) => {}
+            Err(e) => set_error(stats, name, Some(format!("publishing failed: {e}"))),
+        }
+        readable
+    }
+}
+
+/// Lets the capture thread send what it has just appended to the log, when
+/// this process publishes: that saves waking the publisher thread for every
+/// pass (on small machines a thread's wake-up costs more CPU than the send).
+/// Never used on SQLite's threads: sending is network I/O.
+#[derive(Clone)]
+pub struct CaptureSender {
+    /// The sockets and the log position while this process publishes.
+    live: Arc<Mutex<Option<Live>>>,
+    stats: Arc<PublishStats>,
+    wake: Arc<Signal>,
+    name: Arc<str>,
+}
+
+impl CaptureSender {
+    /// Sends the units appended since the last send. If the publisher thread
+    /// is busy sending, or another process publishes, wakes the publisher
+    /// thread instead.
+    pub fn send_new_units(&self) {
+        if let Ok(mut g) = self.live.try_lock() {
+            if let Some(live) = g.as_mut() {
+                if live.send_new_units(&self.name, &self.stats) {
+                    return;
+                }
+            }
+        }
+        self.wake.raise();
+    }
 }
 
 impl Drop for Publisher {
@@ -70,14 +146,15 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
     let thread_wake = wake.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(PublishStats::default());
+    let live = Arc::new(Mutex::new(None));
     let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
-    let (s2, st2, ep2, name) = (stop.clone(), stats.clone(), endpoint.clone(), db_path.to_string());
+    let (s2, st2, ep2, name, live2) = (stop.clone(), stats.clone(), endpoint.clone(), db_path.to_string(), live.clone());
     let thread = std::thread::Builder::new()
         .name("walcast-publish".into())
         .spawn(move || {
             while !s2.load(Ordering::Acquire) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    publisher_thread(&name, &log_path, &lock_path, &ep2, &thread_wake, &s2, &st2)
+                    publisher_thread(&name, &log_path, &lock_path, &ep2, &thread_wake, &s2, &st2, &live2)
                 }));
                 if r.is_err() {
                     crate::primary::report(&format!("{name}: internal error in the publisher; restarting it"));
@@ -86,7 +163,8 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
             }
         })
         .ok();
-    Publisher { wake, stop, stats, endpoint, thread }
+    let sender = CaptureSender { live, stats: stats.clone(), wake: wake.clone(), name: db_path.into() };
+    Publisher { wake, stop, stats, endpoint, sender, thread }
 }
 
 /// Whether the database's conf still makes it a primary (an unreadable conf
@@ -135,6 +213,7 @@ fn publisher_thread(
     wake: &Signal,
     stop: &AtomicBool,
     stats: &Arc<PublishStats>,
+    live_slot: &Mutex<Option<Live>>,
 ) {
     // Elect this process, or wait for the one that publishes to go away.
     let lock = match File::options().create(true).truncate(false).write(true).open(lock_path) {
@@ -225,11 +304,14 @@ fn publisher_thread(
         })
     };
 
+    // From here the capture thread may send too. The guard closes the sockets
+    // however this function ends (a panic included), so that a restarted
+    // publisher can listen again.
+    let live = LiveSlot::fill(
+        live_slot,
+        Live { sockets, tail, log_path: log_path.to_path_buf(), beat_owed: false, last_send: Instant::now() - COALESCE },
+    );
     let mut last_beat = Instant::now() - HEARTBEAT_EVERY;
-    // After activity a heartbeat follows soon, so that a replica whose last
-    // message was lost notices; while idle, one every HEARTBEAT_EVERY.
-    let mut beat_owed = false;
-    let mut last_send = Instant::now() - COALESCE;
     let mut last_conf_check = Instant::now();
     while !stop.load(Ordering::Acquire) {
         wake.wait(Some(POLL));
@@ -244,43 +326,31 @@ fn publisher_thread(
         // Under a stream of commits, gather what a short window brings into one
         // message rather than send one per commit: bounded added latency, far
         // fewer messages (and applies) per second. Idle-to-busy sends at once.
-        let since = last_send.elapsed();
+        // (Commits this process captures are sent by its capture thread, which
+        // gathers them itself; this thread sends what other processes append.)
+        let since = live.lock().as_ref().map_or(COALESCE, |l| l.last_send.elapsed());
         if since < COALESCE {
             std::thread::sleep(COALESCE - since);
         }
-        let mut batch = Batch::default();
-        tail.forget_window();
-        loop {
-            match tail.next_unit() {
-                Ok(Some(u)) => {
-                    if let Err(e) = batch.add(&sockets, &tail, &u) {
-                        set_error(stats, name, Some(format!("publishing failed: {e}")));
-                    }
-                    stats.published_frame_no.store(u.commit.last_frame_no, Ordering::Release);
-                    beat_owed = true;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    set_error(stats, name, Some(format!("cannot follow {}: {e}", log_path.display())));
-                    wake.wait(Some(Duration::from_secs(1)));
-                    break;
-                }
-            }
-        }
-        match batch.send(&sockets, &tail) {
-            Ok(true) => last_send = Instant::now(),
-            Ok(false) => {}
-            Err(e) => set_error(stats, name, Some(format!("publishing failed: {e}"))),
+        let mut g = live.lock();
+        let Some(l) = g.as_mut() else { break };
+        if !l.send_new_units(name, stats) {
+            drop(g);
+            wake.wait(Some(Duration::from_secs(1)));
+            continue;
         }
         stats.replicas.store(replicas.load(Ordering::Acquire), Ordering::Release);
+        // After activity a heartbeat follows soon, so that a replica whose last
+        // message was lost notices; while idle, one every HEARTBEAT_EVERY.
         let since = last_beat.elapsed();
-        if (beat_owed && since >= BEAT_AFTER_ACTIVITY) || since >= HEARTBEAT_EVERY {
-            let p = tail.pos;
-            let hb = wire::heartbeat(tail.db_id, p.generation, p.last_frame_no, p.last_checksum, crate::log::now_ms());
-            sockets.publish(&hb);
+        if (l.beat_owed && since >= BEAT_AFTER_ACTIVITY) || since >= HEARTBEAT_EVERY {
+            let p = l.tail.pos;
+            let hb = wire::heartbeat(l.tail.db_id, p.generation, p.last_frame_no, p.last_checksum, crate::log::now_ms());
+            l.sockets.publish(&hb);
             last_beat = Instant::now();
-            beat_owed = false;
+            l.beat_owed = false;
         }
+        drop(g);
         if last_status_write.elapsed() >= STATUS_EVERY {
             write_status(name, ep, stats);
             last_status_write = Instant::now();
@@ -292,8 +362,33 @@ fn publisher_thread(
     }
     stats.listening.store(false, Ordering::Release);
     write_status(name, ep, stats);
-    drop(sockets);
+    drop(live);
     drop(lock);
+}
+
+/// The publisher's `Live`, shared with the capture thread while this process
+/// publishes; emptied (its sockets closed) when dropped.
+struct LiveSlot<'a> {
+    slot: &'a Mutex<Option<Live>>,
+}
+
+impl<'a> LiveSlot<'a> {
+    fn fill(slot: &'a Mutex<Option<Live>>, live: Live) -> Self {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
+        LiveSlot { slot }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Live>> {
+        // A capture thread that panicked while sending leaves a usable Live.
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for LiveSlot<'_> {
+    fn drop(&mut self) {
+        let live = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(live);
+    }
 }
 
 /// Units on their way out: the units found in one look at the log go out
@@ -853,6 +948,61 @@ mod tests {
             Body::NeedSnapshot { reason } => format!("snapshot: {reason}"),
             _ => panic!("unexpected reply"),
         }
+    }
+
+    /// While this process publishes, the capture thread sends what it has
+    /// appended without waking the publisher thread; while it does not, it
+    /// wakes that thread instead (it may be about to publish, or another
+    /// process publishes).
+    #[test]
+    fn capture_sends_what_it_appended_itself_while_this_process_publishes() {
+        use crate::transport::{parse_endpoint, ReplicaSockets};
+        let dir = std::env::temp_dir().join(format!("walcast-capsend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.log");
+        let _ = std::fs::remove_file(&p);
+        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
+        w.begin_generation(4096, "test").unwrap();
+        w.add_frame(1, 1, &[1; 4096]).unwrap();
+        w.commit(1, None).unwrap();
+        let stats = Arc::new(PublishStats::default());
+        let wake = Arc::new(Signal::default());
+        let sender = CaptureSender { live: Arc::new(Mutex::new(None)), stats: stats.clone(), wake: wake.clone(), name: "t".into() };
+
+        sender.send_new_units();
+        assert!(wake.wait(Some(Duration::ZERO)), "not publishing here: the publisher thread must be woken");
+
+        let ep = parse_endpoint(&format!("ipc://{}/s", dir.display())).unwrap();
+        let sockets = PrimarySockets::listen(&ep, crate::seal::Sealer::default()).unwrap();
+        let mut tail = LogTail::open(&p, false).unwrap();
+        while tail.next_unit().unwrap().is_some() {}
+        let replicas = sockets.replicas.clone();
+        *sender.live.lock().unwrap() =
+            Some(Live { sockets, tail, log_path: p.clone(), beat_owed: false, last_send: Instant::now() - COALESCE });
+        let sub = ReplicaSockets::dial(&ep, crate::seal::Sealer::default()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replicas.load(Ordering::Acquire) < 1 {
+            assert!(Instant::now() < deadline, "the subscriber never connected");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        for i in 2..=3u8 {
+            w.begin_batch();
+            w.add_frame(1, 1, &[i; 4096]).unwrap();
+            w.commit(1, None).unwrap();
+        }
+        w.flush().unwrap();
+        sender.send_new_units();
+        assert!(!wake.wait(Some(Duration::ZERO)), "sent by capture: the publisher thread must not be woken");
+        assert_eq!(stats.published_frame_no.load(Ordering::Acquire), 3);
+        assert!(sender.live.lock().unwrap().as_ref().unwrap().beat_owed);
+        let m = sub.recv_live(Duration::from_secs(10)).unwrap().expect("a message");
+        let raw = sub.open_live(&m).unwrap();
+        let (_, body) = wire::decode(&raw).unwrap();
+        let Body::Frames { frames, primary_last, .. } = body else { panic!("not frames: {body:?}") };
+        assert_eq!(primary_last, 3);
+        assert_eq!(frames.iter().map(|(h, pg)| (h.frame_no, pg[0])).collect::<Vec<_>>(), vec![(2, 2), (3, 3)]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
