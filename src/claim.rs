@@ -130,7 +130,7 @@ impl ClaimFile {
             };
             fence(Ordering::Acquire);
             let after = seq.load(Ordering::Relaxed);
-            let stable = before == after && before % 2 == 0;
+            let stable = before == after && before.is_multiple_of(2);
             spins += 1;
             if stable || (before == after && spins > 10_000) {
                 return state;
