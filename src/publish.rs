@@ -4,7 +4,7 @@
 //! snapshots from the same log.
 //!
 //! Neither runs on SQLite's threads. In the publishing process the capture
-//! thread sends what it has just appended itself (`CaptureSender`); the
+//! thread sends what it has just appended itself (`Sender`); the
 //! publisher thread looks at the log every few milliseconds, for units other
 //! processes appended, and sends heartbeats. Only one process per database
 //! publishes, elected by an exclusive flock on `<db>-walcast-pub`; when it
@@ -53,8 +53,8 @@ pub struct Publisher {
     stop: Arc<AtomicBool>,
     pub stats: Arc<PublishStats>,
     pub endpoint: Endpoint,
-    /// The capture thread's way to send (see `CaptureSender`).
-    pub sender: CaptureSender,
+    /// The capture thread's way to send (see `Sender`).
+    pub sender: Sender,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -102,12 +102,13 @@ impl Live {
     }
 }
 
-/// Lets the capture thread send what it has just appended to the log, when
-/// this process publishes: that saves waking the publisher thread for every
-/// pass (on small machines a thread's wake-up costs more CPU than the send).
-/// Never used on SQLite's threads: sending is network I/O.
+/// What the publisher thread and the capture thread share. The capture thread
+/// sends what it has just appended to the log itself, when this process
+/// publishes: that saves waking the publisher thread for every pass (on small
+/// machines a thread's wake-up costs more CPU than the send). Never used on
+/// SQLite's threads: sending is network I/O.
 #[derive(Clone)]
-pub struct CaptureSender {
+pub struct Sender {
     /// The sockets and the log position while this process publishes.
     live: Arc<Mutex<Option<Live>>>,
     stats: Arc<PublishStats>,
@@ -115,7 +116,7 @@ pub struct CaptureSender {
     name: Arc<str>,
 }
 
-impl CaptureSender {
+impl Sender {
     /// Sends the units appended since the last send. If the publisher thread
     /// is busy sending, or another process publishes, wakes the publisher
     /// thread instead.
@@ -143,18 +144,19 @@ impl Drop for Publisher {
 
 pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher {
     let wake = Arc::new(Signal::default());
-    let thread_wake = wake.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(PublishStats::default());
     let live = Arc::new(Mutex::new(None));
     let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
-    let (s2, st2, ep2, name, live2) = (stop.clone(), stats.clone(), endpoint.clone(), db_path.to_string(), live.clone());
+    let sender = Sender { live, stats: stats.clone(), wake: wake.clone(), name: db_path.into() };
+    let (s2, ep2, name, sender2) = (stop.clone(), endpoint.clone(), db_path.to_string(), sender.clone());
     let thread = std::thread::Builder::new()
         .name("walcast-publish".into())
         .spawn(move || {
+            crate::primary::yield_to_application();
             while !s2.load(Ordering::Acquire) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    publisher_thread(&name, &log_path, &lock_path, &ep2, &thread_wake, &s2, &st2, &live2)
+                    publisher_thread(&log_path, &lock_path, &ep2, &s2, &sender2)
                 }));
                 if r.is_err() {
                     crate::primary::report(&format!("{name}: internal error in the publisher; restarting it"));
@@ -163,7 +165,6 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
             }
         })
         .ok();
-    let sender = CaptureSender { live, stats: stats.clone(), wake: wake.clone(), name: db_path.into() };
     Publisher { wake, stop, stats, endpoint, sender, thread }
 }
 
@@ -205,16 +206,8 @@ fn set_error(stats: &PublishStats, name: &str, e: Option<String>) {
     *g = e;
 }
 
-fn publisher_thread(
-    name: &str,
-    log_path: &std::path::Path,
-    lock_path: &std::path::Path,
-    ep: &Endpoint,
-    wake: &Signal,
-    stop: &AtomicBool,
-    stats: &Arc<PublishStats>,
-    live_slot: &Mutex<Option<Live>>,
-) {
+fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep: &Endpoint, stop: &AtomicBool, shared: &Sender) {
+    let (name, wake, stats, live_slot) = (&*shared.name, &*shared.wake, &shared.stats, &*shared.live);
     // Elect this process, or wait for the one that publishes to go away.
     let lock = match File::options().create(true).truncate(false).write(true).open(lock_path) {
         Ok(f) => f,
@@ -967,7 +960,7 @@ mod tests {
         w.commit(1, None).unwrap();
         let stats = Arc::new(PublishStats::default());
         let wake = Arc::new(Signal::default());
-        let sender = CaptureSender { live: Arc::new(Mutex::new(None)), stats: stats.clone(), wake: wake.clone(), name: "t".into() };
+        let sender = Sender { live: Arc::new(Mutex::new(None)), stats: stats.clone(), wake: wake.clone(), name: "t".into() };
 
         sender.send_new_units();
         assert!(wake.wait(Some(Duration::ZERO)), "not publishing here: the publisher thread must be woken");

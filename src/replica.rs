@@ -300,6 +300,9 @@ fn save_position(f: &File, p: &Position, synced: bool) -> io::Result<()> {
 
 /// Runs the replica role for one database until `Shared::stop`.
 pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() -> bool) {
+    // Below the application's threads, readers included (see
+    // `primary::yield_to_application`).
+    crate::primary::yield_to_application();
     let lock_path = format!("{}-walcast-applier", shared.db_path);
     while !shared.stop.load(Ordering::Acquire) {
         if !is_open() {

@@ -1169,6 +1169,20 @@ pub fn start_writeback(file: &std::fs::File, off: u64, len: u64) -> io::Result<(
     }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux: a
+/// thread's own nice value; threads it starts inherit it). Lowering needs no
+/// privilege; raising it back would, so it is for threads that only ever do
+/// background work.
+pub fn lower_thread_priority(nice: i32) -> io::Result<()> {
+    // SAFETY: no memory is passed; gettid cannot fail.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The first `len` bytes of a file mapped shared (MAP_SHARED), read and
 /// written as 32-bit atomic words: every process that maps the file sees every
 /// store at once, with no system call. The file must stay at least `len`

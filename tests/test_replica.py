@@ -278,6 +278,39 @@ def test_late_join_bootstraps_from_snapshot(cluster, tmp_path, port):
     cluster.identical(primary, replica)
 
 
+def thread_nice(pid):
+    """{thread name: set of nice values} of a process's threads."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        out.setdefault(name, set()).add(int(stat[stat.rindex(")") + 2:].split()[16]))
+    return out
+
+
+def test_replication_threads_run_below_the_application(cluster, tmp_path, port):
+    """Capture, the publisher, the catch-up server, the applier and the NNG
+    threads they start run at nice 10, so that an application's readers and
+    writers come first where the CPU is short; the application's own thread
+    keeps its priority."""
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    pn = cluster.primary(primary, port)
+    rn = cluster.replica(replica, port)
+    commit_many(primary, 3)
+    cluster.converge(primary, replica)
+    expected = {pn: ["walcast-capture", "walcast-publish", "walcast-catchup", "nng:task"],
+                rn: ["walcast-replica", "walcast-checkpo", "nng:task"]}
+    for node, names in expected.items():
+        nice = thread_nice(node.p.pid)
+        for name in names:
+            assert nice.get(name) == {10}, f"{node.name}: {name} runs at nice {nice.get(name)}: {nice}"
+        assert nice["python3"] == {0}, f"{node.name}: the application's thread must keep nice 0: {nice}"
+
+
 # --- 3. replica restart ----------------------------------------------------------
 
 def test_replica_kill_and_restart_resumes(cluster, tmp_path, port):
