@@ -908,16 +908,23 @@ mod tests {
     use super::*;
     use crate::log::LogWriter;
 
-    /// A log of 40 one-frame transactions of 4 KiB pages, synced after the
-    /// 30th: a restarted primary's header then points at frame 31.
-    fn long_log(name: &str) -> (std::path::PathBuf, Vec<u64>) {
-        let dir = std::env::temp_dir().join(format!("walcast-indextest-{}-{name}", std::process::id()));
+    /// A new log `t.log` of db_id [5; 16] in a fresh scratch directory, its
+    /// first generation begun with `page_size`: (directory, log path, writer).
+    fn new_log(name: &str, page_size: u32) -> (PathBuf, PathBuf, LogWriter) {
+        let dir = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("t.log");
         let _ = std::fs::remove_file(&p);
         let mut w = LogWriter::create(&p, [5; 16]).unwrap();
+        w.begin_generation(page_size, "test").unwrap();
+        (dir, p, w)
+    }
+
+    /// A log of 40 one-frame transactions of 4 KiB pages, synced after the
+    /// 30th: a restarted primary's header then points at frame 31.
+    fn long_log(name: &str) -> (std::path::PathBuf, Vec<u64>) {
+        let (_, p, mut w) = new_log(&format!("indextest-{name}"), 4096);
         let mut sums = vec![];
-        w.begin_generation(4096, "test").unwrap();
         sums.push(w.add_frame(1, 1, &[0; 4096]).unwrap().checksum);
         w.commit(1, None).unwrap();
         for i in 2..=40u64 {
@@ -950,12 +957,7 @@ mod tests {
     #[test]
     fn capture_sends_what_it_appended_itself_while_this_process_publishes() {
         use crate::transport::{parse_endpoint, ReplicaSockets};
-        let dir = std::env::temp_dir().join(format!("walcast-capsend-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("t.log");
-        let _ = std::fs::remove_file(&p);
-        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
-        w.begin_generation(4096, "test").unwrap();
+        let (dir, p, mut w) = new_log("capsend", 4096);
         w.add_frame(1, 1, &[1; 4096]).unwrap();
         w.commit(1, None).unwrap();
         let stats = Arc::new(PublishStats::default());
@@ -1031,12 +1033,7 @@ mod tests {
 
     #[test]
     fn snapshot_pages_are_served_by_the_range_asked_for() {
-        let dir = std::env::temp_dir().join(format!("walcast-snaprange-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("t.log");
-        let _ = std::fs::remove_file(&p);
-        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
-        w.begin_generation(512, "test").unwrap();
+        let (dir, p, mut w) = new_log("snaprange", 512);
         for n in 1..=10u32 {
             // Page 4 is absent from the image, as the lock page is.
             if n != 4 {
