@@ -1170,12 +1170,18 @@ pub fn start_writeback(file: &std::fs::File, off: u64, len: u64) -> io::Result<(
 }
 
 /// Lowers the calling thread's scheduling priority to `nice` (Linux: a
-/// thread's own nice value; threads it starts inherit it). Lowering needs no
-/// privilege; raising it back would, so it is for threads that only ever do
-/// background work.
+/// thread's own nice value; threads it starts inherit it), unless it is lower
+/// already. Lowering needs no privilege; raising it back would, so it is for
+/// threads that only ever do background work.
 pub fn lower_thread_priority(nice: i32) -> io::Result<()> {
-    // SAFETY: no memory is passed; gettid cannot fail.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    // SAFETY: no memory is passed; gettid cannot fail, and getpriority cannot
+    // for the calling thread (so its -1 is a nice value, not an error).
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } >= nice {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
     if rc == 0 {
         Ok(())
     } else {
