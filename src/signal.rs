@@ -1,6 +1,5 @@
-//! Wake-ups from threads that have work for a background thread (capture, the
-//! publisher, a replica's applier) to that thread, which sleeps until it comes:
-//! a `Signal`, or a `Queue` of the work itself.
+//! A wake-up from threads that have work for a background thread (capture, the
+//! publisher) to that thread, which sleeps until it comes.
 //!
 //! A crossbeam channel carried these wake-ups at first. Its blocking receive
 //! spins, then yields the CPU several times, before it sleeps: with a wake-up
@@ -9,7 +8,6 @@
 //! commits a second. Here a wait sleeps at once, and raising a signal nobody
 //! waits for makes no system call.
 
-use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,55 +57,6 @@ impl Signal {
     }
 }
 
-/// A bounded queue from producers to one consumer, which sleeps at once while
-/// it is empty (see above).
-pub struct Queue<T> {
-    state: Mutex<QueueState<T>>,
-    cond: Condvar,
-    capacity: usize,
-}
-
-struct QueueState<T> {
-    items: VecDeque<T>,
-    waiting: bool,
-}
-
-impl<T> Queue<T> {
-    pub fn new(capacity: usize) -> Self {
-        Queue { state: Mutex::new(QueueState { items: VecDeque::with_capacity(capacity), waiting: false }), cond: Condvar::new(), capacity }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, QueueState<T>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Adds `item` at the end, or gives it back when the queue is full.
-    pub fn try_push(&self, item: T) -> Result<(), T> {
-        let mut s = self.lock();
-        if s.items.len() >= self.capacity {
-            return Err(item);
-        }
-        s.items.push_back(item);
-        let waiting = s.waiting;
-        drop(s);
-        if waiting {
-            self.cond.notify_one();
-        }
-        Ok(())
-    }
-
-    /// The oldest item, waiting at most `timeout` for one.
-    pub fn pop(&self, timeout: Duration) -> Option<T> {
-        let mut s = self.lock();
-        if s.items.is_empty() {
-            s.waiting = true;
-            s = self.cond.wait_timeout_while(s, timeout, |s| s.items.is_empty()).unwrap_or_else(|e| e.into_inner()).0;
-            s.waiting = false;
-        }
-        s.items.pop_front()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,25 +81,5 @@ mod tests {
         }
         s.raise();
         assert!(waiter.join().unwrap());
-    }
-
-    #[test]
-    fn a_queue_keeps_order_refuses_when_full_and_wakes_a_waiter() {
-        let q = Arc::new(Queue::new(2));
-        assert_eq!(q.try_push(1), Ok(()));
-        assert_eq!(q.try_push(2), Ok(()));
-        assert_eq!(q.try_push(3), Err(3));
-        assert_eq!(q.pop(Duration::ZERO), Some(1));
-        assert_eq!(q.pop(Duration::ZERO), Some(2));
-        let t = Instant::now();
-        assert_eq!(q.pop(Duration::from_millis(20)), None);
-        assert!(t.elapsed() >= Duration::from_millis(20));
-        let q2 = q.clone();
-        let waiter = std::thread::spawn(move || q2.pop(Duration::from_secs(60)));
-        while !q.lock().waiting {
-            std::thread::yield_now();
-        }
-        assert_eq!(q.try_push(4), Ok(()));
-        assert_eq!(waiter.join().unwrap(), Some(4));
     }
 }

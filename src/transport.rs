@@ -12,7 +12,6 @@
 //! With a key set, every message goes through `seal.rs` on its way out and in.
 
 use crate::seal::{Channel, Nonce, Sealer, NONCE_LEN, OVERHEAD};
-use crate::signal::Queue;
 use nng::options::{
     protocol::pubsub::Subscribe, protocol::reqrep::ResendTime, Options, ReconnectMaxTime, ReconnectMinTime, RecvBufferSize, RecvMaxSize,
     RecvTimeout, SendBufferSize, SendTimeout,
@@ -195,7 +194,7 @@ const RESEND_SNAPSHOT: Duration = Duration::from_secs(2);
 pub struct ReplicaSockets {
     pub subscribe: Socket,
     /// Live messages, as NNG's receive callback hands them over (see `recv_live`).
-    live: Arc<LiveQueue>,
+    live: crossbeam_channel::Receiver<Result<nng::Message, nng::Error>>,
     /// The receive in progress on `subscribe`; dropping it stops it.
     _live_aio: nng::Aio,
     pub request: Socket,
@@ -263,7 +262,12 @@ impl ReplicaSockets {
     /// The next live message, waiting at most `wait`: Ok(None) when none came.
     /// An error once the socket is closed.
     pub fn recv_live(&self, wait: Duration) -> Result<Option<nng::Message>, nng::Error> {
-        self.live.pop(wait).transpose()
+        match self.live.recv_timeout(wait) {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) => Err(e),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(nng::Error::Closed),
+        }
     }
 
     /// One request and its reply, which must answer this very request when a
@@ -460,33 +464,27 @@ fn start(socks: &ReplicaSockets, ctx: &nng::Context, aio: &nng::Aio, request: &[
 /// The pause before receiving again after a receive error.
 const RECEIVE_RETRY: Duration = Duration::from_millis(10);
 
-/// Live messages received, or the error that ended receiving.
-type LiveQueue = Queue<Result<nng::Message, nng::Error>>;
-
 /// Keeps a receive pending on `sock` and hands what arrives to the returned
-/// queue. A blocking receive with a timeout (the applier must wake to look
+/// channel. A blocking receive with a timeout (the applier must wake to look
 /// around while nothing comes) arms a timer in NNG for every message, and
 /// that wakes NNG's timer thread once per message: on two cores it preempted
 /// SQLite's threads more often than anything else. This receive has no timer;
-/// the applier waits on the queue instead, which sleeps at once (a crossbeam
-/// channel here spun and yielded the CPU about once per message first). A
-/// full queue drops the message (as NNG's queue would): the replica sees the
-/// gap and catches up.
-fn receive_live(sock: &Socket) -> nng::Result<(Arc<LiveQueue>, nng::Aio)> {
-    let rx = Arc::new(Queue::new(LIVE_QUEUE as usize));
-    let tx = rx.clone();
+/// the applier waits on the channel instead. A full channel drops the message
+/// (as NNG's queue would): the replica sees the gap and catches up.
+fn receive_live(sock: &Socket) -> nng::Result<(crossbeam_channel::Receiver<Result<nng::Message, nng::Error>>, nng::Aio)> {
+    let (tx, rx) = crossbeam_channel::bounded(LIVE_QUEUE as usize);
     let rearm = sock.clone();
     let aio = nng::Aio::new(move |aio, res| {
         // A panic here would abort the process (the callback runs on NNG's thread).
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let armed = match res {
                 nng::AioResult::Recv(Ok(m)) => {
-                    let _ = tx.try_push(Ok(m));
+                    let _ = tx.try_send(Ok(m));
                     rearm.recv_async(&aio)
                 }
                 // Stopped (the Aio dropped) or the socket closed: no more.
                 nng::AioResult::Recv(Err(e @ (nng::Error::Closed | nng::Error::Canceled))) => {
-                    let _ = tx.try_push(Err(e));
+                    let _ = tx.try_send(Err(e));
                     return;
                 }
                 // Another error (out of memory): receive again after a pause,
@@ -497,7 +495,7 @@ fn receive_live(sock: &Socket) -> nng::Result<(Arc<LiveQueue>, nng::Aio)> {
                 _ => return,
             };
             if armed.is_err() {
-                let _ = tx.try_push(Err(nng::Error::Closed));
+                let _ = tx.try_send(Err(nng::Error::Closed));
             }
         }));
     })?;
