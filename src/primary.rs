@@ -941,7 +941,7 @@ impl DbState {
                     Streak::recovered(&mut g.failure_streak, &self.failure_path);
                 }
                 if let Some(p) = g.publisher.as_ref().filter(|_| wake_publisher) {
-                    p.wake.raise();
+                    p.wake();
                 }
                 if let Some(reason) = &c.new_generation {
                     let generation = g.log.as_ref().map(|l| l.state.generation).unwrap_or(0);
@@ -1074,13 +1074,13 @@ impl DbState {
         if let Some(p) = &g.publisher {
             v["endpoint"] = p.endpoint.url.clone().into();
             v["catchup_endpoint"] = p.endpoint.catchup.clone().into();
-            let own_error = p.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if p.stats.listening.load(Ordering::Acquire) {
+            let own_error = p.stats().last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if p.stats().listening.load(Ordering::Acquire) {
                 v["publishing"] = true.into();
                 v["publisher_pid"] = std::process::id().into();
-                v["replicas"] = p.stats.replicas.load(Ordering::Acquire).into();
-                v["published_frame_no"] = p.stats.published_frame_no.load(Ordering::Acquire).into();
-                v["snapshots_served"] = p.stats.snapshots_served.load(Ordering::Acquire).into();
+                v["replicas"] = p.stats().replicas.load(Ordering::Acquire).into();
+                v["published_frame_no"] = p.stats().published_frame_no.load(Ordering::Acquire).into();
+                v["snapshots_served"] = p.stats().snapshots_served.load(Ordering::Acquire).into();
                 v["publish_error"] = own_error.into();
             } else {
                 // Another process publishes: its figures come from its status file.

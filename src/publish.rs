@@ -49,13 +49,24 @@ pub struct PublishStats {
 }
 
 pub struct Publisher {
-    pub wake: Arc<Signal>,
     stop: Arc<AtomicBool>,
-    pub stats: Arc<PublishStats>,
     pub endpoint: Endpoint,
-    /// The capture thread's way to send (see `Sender`).
+    /// The capture thread's way to send (see `Sender`); also holds the
+    /// publisher thread's wake-up and figures.
     pub sender: Sender,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Publisher {
+    /// What the status shows about publishing.
+    pub fn stats(&self) -> &PublishStats {
+        &self.sender.stats
+    }
+
+    /// Wakes the publisher thread to send what was appended to the log.
+    pub fn wake(&self) {
+        self.sender.wake.raise();
+    }
 }
 
 /// What a publishing process sends from: its sockets and how far it has read
@@ -135,7 +146,7 @@ impl Sender {
 impl Drop for Publisher {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        self.wake.raise();
+        self.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -143,12 +154,14 @@ impl Drop for Publisher {
 }
 
 pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher {
-    let wake = Arc::new(Signal::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(PublishStats::default());
-    let live = Arc::new(Mutex::new(None));
     let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
-    let sender = Sender { live, stats: stats.clone(), wake: wake.clone(), name: db_path.into() };
+    let sender = Sender {
+        live: Arc::new(Mutex::new(None)),
+        stats: Arc::new(PublishStats::default()),
+        wake: Arc::new(Signal::default()),
+        name: db_path.into(),
+    };
     let (s2, ep2, name, sender2) = (stop.clone(), endpoint.clone(), db_path.to_string(), sender.clone());
     let thread = std::thread::Builder::new()
         .name("walcast-publish".into())
@@ -165,7 +178,7 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
             }
         })
         .ok();
-    Publisher { wake, stop, stats, endpoint, sender, thread }
+    Publisher { stop, endpoint, sender, thread }
 }
 
 /// Whether the database's conf still makes it a primary (an unreadable conf
