@@ -8,6 +8,7 @@
 //! role=primary
 //! db_id=4f0c...  (32 hex digits)
 //! endpoint=tcp://0.0.0.0:7070
+//! relay=tcp://0.0.0.0:7080   (a replica that passes the stream on)
 //! ```
 //!
 //! A replica records there the db_id of the database it follows (from its first
@@ -63,6 +64,8 @@ pub struct Conf {
     pub db_id: Option<[u8; 16]>,
     /// Where a primary listens, or the primary a replica follows.
     pub endpoint: Option<String>,
+    /// A replica: where it passes the stream on to replicas of its own.
+    pub relay: Option<String>,
     /// A replica: the next catch-up takes a snapshot of whatever the primary serves.
     pub rebootstrap: bool,
     /// A replica being promoted: no process may apply.
@@ -71,7 +74,7 @@ pub struct Conf {
 
 impl Default for Conf {
     fn default() -> Self {
-        Conf { role: Role::Off, db_id: None, endpoint: None, rebootstrap: false, promoting: false }
+        Conf { role: Role::Off, db_id: None, endpoint: None, relay: None, rebootstrap: false, promoting: false }
     }
 }
 
@@ -107,6 +110,7 @@ impl Conf {
                     conf.db_id = Some(parse_hex16(v.trim()).ok_or_else(|| format!("{}: malformed db_id '{}'", path.display(), v.trim()))?)
                 }
                 "endpoint" => conf.endpoint = Some(v.trim().to_string()).filter(|e| !e.is_empty()),
+                "relay" => conf.relay = Some(v.trim().to_string()).filter(|e| !e.is_empty()),
                 "rebootstrap" => conf.rebootstrap = v.trim() == "1",
                 "promoting" => conf.promoting = v.trim() == "1",
                 _ => {} // keys of later versions
@@ -123,6 +127,9 @@ impl Conf {
         }
         if let Some(e) = &self.endpoint {
             text.push_str(&format!("endpoint={e}\n"));
+        }
+        if let Some(r) = &self.relay {
+            text.push_str(&format!("relay={r}\n"));
         }
         if self.rebootstrap {
             text.push_str("rebootstrap=1\n");
@@ -175,7 +182,7 @@ mod tests {
         let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]), endpoint: Some("tcp://h:1".into()), ..Default::default() };
         c.save(&p).unwrap();
         assert_eq!(Conf::load(&p).unwrap(), c);
-        let r = Conf { role: Role::Replica, rebootstrap: true, promoting: true, ..Default::default() };
+        let r = Conf { role: Role::Replica, relay: Some("tcp://0.0.0.0:2".into()), rebootstrap: true, promoting: true, ..Default::default() };
         r.save(&p).unwrap();
         assert_eq!(Conf::load(&p).unwrap(), r);
         assert_eq!(Conf::load(&d.join("missing")).unwrap(), Conf::default());

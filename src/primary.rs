@@ -599,7 +599,7 @@ impl DbState {
                         g.role = before.role;
                         g.log = None;
                         // Keep the new identity: the log just created carries it.
-                        let _ = Conf { role: before.role, db_id: c.db_id, endpoint: c.endpoint.clone(), ..Default::default() }
+                        let _ = Conf { role: before.role, db_id: c.db_id, endpoint: c.endpoint.clone(), relay: c.relay.clone(), ..Default::default() }
                             .save(&self.conf_path);
                         Err(e)
                     }
@@ -705,7 +705,7 @@ impl DbState {
             let _ = std::fs::remove_file(&tmp);
             return undo(g, &mut c, format!("cannot create {}: {e}", self.log_path.display()));
         }
-        let promoted = Conf { role: Role::Primary, db_id: Some(pos.db_id), endpoint: None, rebootstrap: false, promoting: false };
+        let promoted = Conf { role: Role::Primary, db_id: Some(pos.db_id), endpoint: None, relay: None, rebootstrap: false, promoting: false };
         if let Err(e) = promoted.save(&self.conf_path) {
             let _ = std::fs::remove_file(&self.log_path);
             return undo(g, &mut c, format!("cannot write {}: {e}", self.conf_path.display()));
@@ -1147,6 +1147,16 @@ impl DbState {
                 Err(e) => PragmaOutcome::Fail(e),
             },
             ("walcast_status", Some(_)) => PragmaOutcome::Fail("walcast_status is read-only".into()),
+            ("walcast_relay", None) => {
+                PragmaOutcome::Done(Some(Conf::load(&self.conf_path).ok().and_then(|c| c.relay).unwrap_or_else(|| "off".into())))
+            }
+            ("walcast_relay", Some(_)) if readonly => {
+                PragmaOutcome::Fail(format!("cannot set walcast_relay on a read-only connection to {}", self.db_path))
+            }
+            ("walcast_relay", Some(v)) => match self.set_relay(v) {
+                Ok(url) => PragmaOutcome::Done(Some(url.unwrap_or_else(|| "off".into()))),
+                Err(e) => PragmaOutcome::Fail(e),
+            },
             ("walcast_key", None) => PragmaOutcome::Done(Some(key_state(&self.db_path))),
             ("walcast_key", Some(_)) if readonly => {
                 PragmaOutcome::Fail(format!("cannot set walcast_key on a read-only connection to {}", self.db_path))
@@ -1166,7 +1176,7 @@ impl DbState {
                 Err(e) => PragmaOutcome::Fail(e),
             },
             (n, _) if n.starts_with("walcast_") => PragmaOutcome::Fail(format!(
-                "unknown pragma '{name}': walcast has walcast_role, walcast_endpoint, walcast_key, walcast_status and walcast_rebootstrap"
+                "unknown pragma '{name}': walcast has walcast_role, walcast_endpoint, walcast_key, walcast_relay, walcast_status and walcast_rebootstrap"
             )),
             ("journal_mode", Some(v)) if !v.trim().eq_ignore_ascii_case("wal") && self.lock().role == Role::Primary => {
                 PragmaOutcome::Fail(format!(
@@ -1206,6 +1216,36 @@ impl DbState {
             r.shared.set_endpoint(ep);
         }
         Ok(())
+    }
+
+    /// `PRAGMA walcast_relay = 'tcp://HOST:PORT'` (or `'off'`): a replica passes
+    /// the stream it receives on to replicas of its own there, and their
+    /// catch-up requests to its primary (see `transport::RelaySockets`).
+    /// Persisted; the applier, in whichever process, restarts its session
+    /// with it. Taken while the database is a replica.
+    fn set_relay(&self, v: &str) -> Result<Option<String>, String> {
+        let relay = match v.trim() {
+            "" | "off" | "OFF" | "none" => None,
+            other => {
+                let ep = crate::transport::parse_endpoint(other).map_err(|e| e.replace("walcast_endpoint", "walcast_relay"))?;
+                Some(ep.url)
+            }
+        };
+        let g = self.lock();
+        let mut c = Conf::load(&self.conf_path)?;
+        if relay.is_some() && relay == c.endpoint {
+            return Err(format!(
+                "walcast_relay '{}' is this database's walcast_endpoint: a replica relays at an address of its own",
+                relay.unwrap_or_default()
+            ));
+        }
+        c.relay = relay.clone();
+        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        if let Some(r) = &g.replica {
+            let ep = r.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            r.shared.set_endpoint(ep);
+        }
+        Ok(relay)
     }
 
     /// `PRAGMA walcast_rebootstrap`: the replica's next catch-up replaces its

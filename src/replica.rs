@@ -13,7 +13,7 @@ use crate::apply::{ApplyError, ShmLocks, WalAppender};
 use crate::frame::FrameHeader;
 use crate::log::{hex, now_ms};
 use crate::receive::{self, FrameVerdict};
-use crate::transport::{parse_endpoint, Endpoint, ReplicaSockets};
+use crate::transport::{parse_endpoint, Endpoint, RelaySockets, ReplicaSockets};
 use crate::wire::{self, Body, Header};
 use std::fs::File;
 use std::io;
@@ -69,6 +69,11 @@ pub struct Status {
     /// Why the last message was refused, and when: kept after the repair
     /// clears `last_error`, so that a refusal is never silent.
     pub last_rejection: Option<(String, Instant)>,
+    /// The relay endpoint of this session, its replicas connected now, and why
+    /// it cannot listen.
+    pub relay: Option<String>,
+    pub relay_downstream: Option<Arc<std::sync::atomic::AtomicI64>>,
+    pub relay_error: Option<String>,
 }
 
 /// Shared between the SQL side (status, wait, endpoint changes) and the thread.
@@ -204,6 +209,11 @@ fn status_value(st: &Status, endpoint: Option<String>) -> serde_json::Value {
         "rejected_messages": st.rejected,
         "last_rejection": st.last_rejection.as_ref().map(|(why, _)| why.clone()),
         "ms_since_last_rejection": st.last_rejection.as_ref().map(|(_, t)| t.elapsed().as_millis() as u64),
+        "relay": st.relay.as_ref().map(|url| serde_json::json!({
+            "endpoint": url,
+            "replicas": st.relay_downstream.as_ref().map_or(0, |n| n.load(Ordering::Acquire).max(0)),
+            "error": st.relay_error,
+        })),
         "applier_pid": std::process::id(),
         "applier_in_this_process": st.applier,
         "updated_unix_ms": now_ms(),
@@ -424,6 +434,11 @@ struct Session<'a, F: ReplicaFiles> {
     last_status_write: Instant,
     /// Asks the checkpointer thread for a checkpoint (None: checkpoint here).
     checkpoints: Option<crossbeam_channel::Sender<()>>,
+    /// Where this replica passes the stream on (`PRAGMA walcast_relay`), as
+    /// the conf said when the session started, and its sockets once listening.
+    relay_url: Option<String>,
+    relay: Option<RelaySockets>,
+    relay_retry_at: Instant,
 }
 
 impl<'a, F: ReplicaFiles> Session<'a, F> {
@@ -447,6 +462,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             last_checkpoint: Instant::now(),
             last_status_write: Instant::now() - Duration::from_secs(1),
             checkpoints: None,
+            relay_url: None,
+            relay: None,
+            relay_retry_at: Instant::now(),
         }
     }
 
@@ -500,6 +518,8 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             let _ = self.shared.wake.1.recv_timeout(Duration::from_secs(1));
             return;
         }
+        self.relay_url = load_conf(self.db()).and_then(|c| c.relay);
+        self.start_relay(&ep);
         self.write_status();
         let mut retry_at = Instant::now();
         while !self.shared.stop.load(Ordering::Acquire)
@@ -530,9 +550,50 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 }
             }
             self.housekeeping(socks.connected.load(Ordering::Acquire) == 0);
+            if self.relay.is_none() && self.relay_url.is_some() && Instant::now() >= self.relay_retry_at {
+                self.start_relay(&ep);
+            }
         }
         *self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.stop_relay();
         self.shutdown();
+    }
+
+    /// Listens at the relay endpoint, if one is set. A failure (the address in
+    /// use, say) does not stop apply: it is reported, shown in the status, and
+    /// tried again every second.
+    fn start_relay(&mut self, upstream: &Endpoint) {
+        let Some(url) = self.relay_url.clone() else { return };
+        let r = parse_endpoint(&url).and_then(|ep| {
+            if ep.url == upstream.url {
+                return Err(format!("the relay endpoint {url} is the endpoint this replica follows"));
+            }
+            RelaySockets::listen(&ep, upstream)
+        });
+        let mut st = self.shared.status();
+        match r {
+            Ok(r) => {
+                st.relay_downstream = Some(r.downstream.clone());
+                st.relay_error = None;
+                self.relay = Some(r);
+            }
+            Err(e) => {
+                self.relay_retry_at = Instant::now() + Duration::from_secs(1);
+                if st.relay_error.as_deref() != Some(e.as_str()) {
+                    crate::primary::report(&format!("{}: not relaying: {e}", self.db()));
+                }
+                st.relay_error = Some(e);
+            }
+        }
+        st.relay = Some(url);
+    }
+
+    fn stop_relay(&mut self) {
+        self.relay = None;
+        let mut st = self.shared.status();
+        st.relay = None;
+        st.relay_downstream = None;
+        st.relay_error = None;
     }
 
     /// The position and the database's page size, at the start of a session.
@@ -603,7 +664,14 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// key is set), then handled.
     fn receive(&mut self, socks: &ReplicaSockets, raw: &[u8]) {
         match socks.open_live(raw) {
-            Ok(m) => self.on_message(&m),
+            Ok(m) => {
+                // Passed on before it is applied, so that a relay adds no apply
+                // time to its replicas' lag; they verify it as this replica does.
+                if let Some(r) = &self.relay {
+                    r.forward(raw);
+                }
+                self.on_message(&m)
+            }
             Err(e) => {
                 self.shared.status().last_message = Some(Instant::now());
                 self.reject(format!("discarded a message: {e}"));
@@ -1038,6 +1106,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             match load_conf(self.db()) {
                 Some(c) if c.role != crate::conf::Role::Replica || c.promoting => self.leave = true,
                 _ if crate::seal::key_stamp(self.db()) != self.key_stamp => self.leave = true,
+                Some(c) if c.relay != self.relay_url => self.leave = true,
                 Some(c) if c.rebootstrap && !self.force_bootstrap => {
                     self.force_bootstrap = true;
                     self.need_catchup = true;

@@ -158,6 +158,142 @@ impl PrimarySockets {
     }
 }
 
+/// Catch-up requests a relay passes on at once (each on a thread of its own).
+const RELAY_REQUESTS_IN_FLIGHT: usize = 8;
+
+/// A relaying replica's sockets: the live stream it receives goes out again
+/// on a PUB socket of its own, and catch-up requests to it are passed, as they
+/// are (sealed or not), to its own primary's catch-up address, and answered
+/// with that reply. Its replicas dial it as they would dial a primary.
+///
+/// NNG's own device (`nng_device`) would pass the requests on, but closing it
+/// shuts its sockets down from NNG's task thread, which then waits for work
+/// queued behind itself: with the one task thread walcast builds NNG with,
+/// the process's NNG stopped for good. So threads of ours do it, each with a
+/// context on either socket.
+pub struct RelaySockets {
+    pub endpoint: Endpoint,
+    publish: Socket,
+    /// The REP socket replicas send requests to, and the REQ socket that passes
+    /// them on; closed to end the threads.
+    catchup: [Socket; 2],
+    forwarders: Vec<std::thread::JoinHandle<()>>,
+    /// Replicas connected to the PUB socket now.
+    pub downstream: Arc<AtomicI64>,
+}
+
+impl RelaySockets {
+    /// Listens at `ep`, passing catch-up requests on to `upstream`'s catch-up
+    /// address.
+    pub fn listen(ep: &Endpoint, upstream: &Endpoint) -> Result<RelaySockets, String> {
+        let publish = Socket::new(Protocol::Pub0).map_err(|e| nng_err("cannot create a PUB socket for", &ep.url, e))?;
+        let downstream = count_pipes(&publish);
+        // As a primary's: a slow replica never holds up the relay (see `PrimarySockets`).
+        let _ = publish.set_opt::<SendTimeout>(Some(Duration::ZERO));
+        let _ = publish.set_opt::<SendBufferSize>(LIVE_QUEUE);
+        remove_stale_ipc(&ep.url);
+        publish.listen(&ep.url).map_err(|e| nng_err("cannot listen on", &ep.url, e))?;
+        let front = Socket::new(Protocol::Rep0).map_err(|e| nng_err("cannot create a REP socket for", &ep.catchup, e))?;
+        front.set_opt::<RecvMaxSize>(MAX_REQUEST).map_err(|e| nng_err("cannot limit messages to", &ep.catchup, e))?;
+        let back = Socket::new(Protocol::Req0).map_err(|e| nng_err("cannot create a REQ socket for", &upstream.catchup, e))?;
+        back.set_opt::<RecvMaxSize>(MAX_RECEIVED).map_err(|e| nng_err("cannot limit messages from", &upstream.catchup, e))?;
+        let _ = back.set_opt::<ReconnectMinTime>(Some(Duration::from_millis(50)));
+        let _ = back.set_opt::<ReconnectMaxTime>(Some(Duration::from_millis(500)));
+        // The replica asking resends on its own schedule, and each of its
+        // resends arrives here as a request of its own: this socket resends
+        // only what a broken connection lost, no sooner than a snapshot is built.
+        let _ = back.set_opt::<ResendTime>(Some(RESEND_SNAPSHOT));
+        remove_stale_ipc(&ep.catchup);
+        front.listen(&ep.catchup).map_err(|e| nng_err("cannot listen on", &ep.catchup, e))?;
+        back.dial_async(&upstream.catchup).map_err(|e| nng_err("cannot dial", &upstream.catchup, e))?;
+        let mut relay = RelaySockets { endpoint: ep.clone(), publish, catchup: [front, back], forwarders: Vec::new(), downstream };
+        for _ in 0..RELAY_REQUESTS_IN_FLIGHT {
+            let (front, back) = (relay.catchup[0].clone(), relay.catchup[1].clone());
+            let t = std::thread::Builder::new()
+                .name("walcast-relay".into())
+                .spawn(move || pass_requests_on(&front, &back))
+                .map_err(|e| format!("cannot start a relay thread: {e}"))?;
+            relay.forwarders.push(t);
+        }
+        Ok(relay)
+    }
+
+    /// Passes a live message on as it arrived. A full queue drops it, as a
+    /// primary's does: the replica behind repairs the gap by catch-up.
+    pub fn forward(&self, raw: &[u8]) {
+        let _ = self.publish.send(raw);
+    }
+}
+
+impl Drop for RelaySockets {
+    fn drop(&mut self) {
+        self.publish.close();
+        // Every operation of the threads then ends at once.
+        for s in &self.catchup {
+            s.close();
+        }
+        for t in self.forwarders.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request at a time: received on a REP context, sent on a REQ context,
+/// and its reply sent back, until the sockets are closed. A request that
+/// cannot be passed on, or whose reply does not come, is dropped: the replica
+/// that sent it asks again, as it does of a primary.
+fn pass_requests_on(front: &Socket, back: &Socket) {
+    let (Ok(rep), Ok(req)) = (nng::Context::new(front), nng::Context::new(back)) else { return };
+    let (tx, done) = crossbeam_channel::bounded(1);
+    // The callback only hands the result over: this thread waits for it, so
+    // that no operation outlives the Aio (see `Drop for Requests`).
+    let Ok(aio) = nng::Aio::new(move |_, res| {
+        let _ = tx.send(res);
+    }) else {
+        return;
+    };
+    let _ = aio.set_timeout(Some(REPLY_WAIT));
+    let closed = |e: &nng::Error| matches!(e, nng::Error::Closed);
+    let next = || done.recv().ok();
+    loop {
+        if rep.recv(&aio).is_err() {
+            break;
+        }
+        let request = match next() {
+            Some(nng::AioResult::Recv(Ok(m))) => m,
+            Some(nng::AioResult::Recv(Err(e))) if !closed(&e) => continue, // a timeout
+            _ => break,
+        };
+        if req.send(&aio, request).is_err() {
+            break;
+        }
+        match next() {
+            Some(nng::AioResult::Send(Ok(()))) => {}
+            Some(nng::AioResult::Send(Err((_, e)))) if !closed(&e) => continue,
+            _ => break,
+        }
+        if req.recv(&aio).is_err() {
+            break;
+        }
+        let reply = match next() {
+            Some(nng::AioResult::Recv(Ok(m))) => m,
+            Some(nng::AioResult::Recv(Err(e))) if !closed(&e) => continue,
+            _ => break,
+        };
+        if rep.send(&aio, reply).is_err() {
+            break;
+        }
+        match next() {
+            Some(nng::AioResult::Send(Ok(()))) => {}
+            Some(nng::AioResult::Send(Err((_, e)))) if !closed(&e) => continue,
+            _ => break,
+        }
+    }
+    rep.close();
+    req.close();
+    aio.wait();
+}
+
 /// One catch-up request as the server sees it: the plain request, or why it
 /// cannot be read, and the nonce its reply is bound to.
 pub fn open_request<'a>(sealer: &Sealer, m: &'a [u8]) -> (Result<Cow<'a, [u8]>, String>, Nonce) {

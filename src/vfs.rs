@@ -532,7 +532,13 @@ unsafe extern "C" fn f_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *
                     *a = sqlite_string(&text);
                     return ffi::SQLITE_OK;
                 }
-                PragmaOutcome::Done(None) => return ffi::SQLITE_OK,
+                PragmaOutcome::Done(None) => {
+                    // SQLite names the result column after the value: without
+                    // one the column has no name, and drivers fail on that
+                    // (Python's sqlite3 raised MemoryError). An empty text.
+                    *a = sqlite_string("");
+                    return ffi::SQLITE_OK;
+                }
                 PragmaOutcome::Fail(msg) => {
                     *a = sqlite_string(&format!("walcast: {msg}"));
                     return ffi::SQLITE_ERROR;

@@ -1,0 +1,106 @@
+"""Relaying replicas (`PRAGMA walcast_relay`), end to end, as real processes.
+
+A relay is a replica that passes the live stream on at an endpoint of its own
+and forwards its replicas' catch-up requests to its primary, so that a primary
+serves one connection however many replicas hang below it. Its replicas verify
+every frame themselves, exactly as when they follow the primary directly.
+"""
+import os
+
+import pytest
+
+import wc
+from test_keys import KEY, keyed_primary, keyed_replica
+from test_replica import cluster, commit_many, port, read, summary, tcp  # noqa: F401 (fixtures)
+
+
+def relay_status(db):
+    return wc.status(db).get("relay") or {}
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
+def test_replicas_of_a_relay_converge_byte_identical(cluster, tmp_path, port, key):
+    """With a key, the relay passes sealed messages and requests on as they are."""
+    tmp = str(tmp_path)
+    primary, relay, below = (os.path.join(tmp, n) for n in ("primary.db", "relay.db", "below.db"))
+    rport = wc.free_port_pair()
+    if key:
+        pn = keyed_primary(cluster, primary, port, key)
+    else:
+        pn = cluster.primary(primary, port)
+    commit_many(primary, 20, per_txn=20)
+
+    rn = keyed_replica(cluster, relay, port, key, name="relay")
+    assert rn.rows(f"PRAGMA walcast_relay = '{tcp(rport)}'") == [[tcp(rport)]]
+    assert rn.rows("PRAGMA walcast_relay") == [[tcp(rport)]]
+    cluster.converge(primary, relay)
+    wc.wait_for(lambda: relay_status(relay).get("endpoint") == tcp(rport), timeout=10,
+                what=f"the relay listening: {wc.status(relay)}")
+
+    # A new replica of the relay bootstraps through it (its snapshot comes from
+    # the primary, passed on), then follows the relayed live stream.
+    bn = keyed_replica(cluster, below, rport, key, name="below")
+    cluster.converge(primary, below)
+    assert summary(below) == summary(primary, load=True)
+    assert bn.status()["bootstraps"] >= 1, bn.status()
+    catch_ups = bn.status()["catch_ups"]
+    commit_many(primary, 30)
+    cluster.converge(primary, below)
+    st = bn.status()
+    assert st["endpoint"] == tcp(rport) and st["state"] == "streaming", st
+    assert st["rejected_messages"] == 0, st
+    # Those came on the relayed live stream, not by catch-up.
+    assert st["catch_ups"] == catch_ups, st
+    # One connection at the primary: the relay's. One at the relay.
+    wc.wait_for(lambda: relay_status(relay).get("replicas") == 1, timeout=10, what=f"{wc.status(relay)}")
+    assert pn.status()["replicas"] == 1, pn.status()
+    cluster.identical(primary, below)
+    cluster.identical(primary, relay)
+
+    # The relay restarts from its conf (role, endpoint and relay persist); its
+    # replica catches up what it missed meanwhile, through it.
+    rn.kill()
+    commit_many(primary, 10, per_txn=5)
+    cluster.node(relay, name="relay2")
+    cluster.converge(primary, relay)
+    cluster.converge(primary, below)
+    commit_many(primary, 10)
+    cluster.converge(primary, below)
+    cluster.identical(primary, below)
+
+
+def test_bad_relay_values_change_nothing_and_a_relay_that_cannot_listen_says_so(cluster, tmp_path, port):
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    cluster.primary(primary, port)
+    commit_many(primary, 5)
+    rn = cluster.replica(replica, port)
+    cluster.converge(primary, replica)
+    conf = read(replica + "-walcast-conf")
+
+    r = rn.sql("PRAGMA walcast_relay = 'tcp://127.0.0.1'")
+    assert "invalid walcast_relay 'tcp://127.0.0.1': no port" in r.get("error", ""), r
+    p = wc.shell("PRAGMA walcast_relay = 'http://x';", db=replica, check=False)
+    assert p.returncode != 0 and "invalid walcast_relay" in p.stderr, (p.stdout, p.stderr)
+    r = rn.sql(f"PRAGMA walcast_relay = '{tcp(port)}'")
+    assert "is this database's walcast_endpoint" in r.get("error", ""), r
+    assert read(replica + "-walcast-conf") == conf
+    assert rn.rows("PRAGMA walcast_relay") == [["off"]]
+    assert wc.status(replica).get("relay") is None
+
+    # An address another socket holds (the primary's catch-up port): apply goes
+    # on, and the status and stderr say why the replica does not relay.
+    busy = f"tcp://127.0.0.1:{port + 1}"
+    assert rn.rows(f"PRAGMA walcast_relay = '{busy}'") == [[busy]]
+    wc.wait_for(lambda: "cannot listen" in (relay_status(replica).get("error") or ""), timeout=10,
+                what=f"the relay error in the status: {wc.status(replica)}")
+    commit_many(primary, 5)
+    cluster.converge(primary, replica)
+    assert "not relaying" in rn.stderr(), rn.stderr()
+
+    # 'off' stops relaying.
+    assert rn.rows("PRAGMA walcast_relay = 'off'") == [["off"]]
+    wc.wait_for(lambda: wc.status(replica).get("relay") is None, timeout=10, what=f"{wc.status(replica)}")
+    commit_many(primary, 5)
+    cluster.converge(primary, replica)
+    cluster.identical(primary, replica)
