@@ -208,10 +208,15 @@ impl RelaySockets {
         back.dial_async(&upstream.catchup).map_err(|e| nng_err("cannot dial", &upstream.catchup, e))?;
         let mut relay = RelaySockets { endpoint: ep.clone(), publish, catchup: [front, back], forwarders: Vec::new(), downstream };
         for _ in 0..RELAY_REQUESTS_IN_FLIGHT {
-            let (front, back) = (relay.catchup[0].clone(), relay.catchup[1].clone());
+            // Opened here, never while the sockets close: a context NNG opens
+            // during a close is left behind, and the close then waits for it
+            // for good.
+            let err = |e| format!("cannot open a relay context: {e}");
+            let rep = nng::Context::new(&relay.catchup[0]).map_err(err)?;
+            let req = nng::Context::new(&relay.catchup[1]).map_err(err)?;
             let t = std::thread::Builder::new()
                 .name("walcast-relay".into())
-                .spawn(move || pass_requests_on(&front, &back))
+                .spawn(move || pass_requests_on(rep, req))
                 .map_err(|e| format!("cannot start a relay thread: {e}"))?;
             relay.forwarders.push(t);
         }
@@ -242,8 +247,7 @@ impl Drop for RelaySockets {
 /// and its reply sent back, until the sockets are closed. A request that
 /// cannot be passed on, or whose reply does not come, is dropped: the replica
 /// that sent it asks again, as it does of a primary.
-fn pass_requests_on(front: &Socket, back: &Socket) {
-    let (Ok(rep), Ok(req)) = (nng::Context::new(front), nng::Context::new(back)) else { return };
+fn pass_requests_on(rep: nng::Context, req: nng::Context) {
     let (tx, done) = crossbeam_channel::bounded(1);
     // The callback only hands the result over: this thread waits for it, so
     // that no operation outlives the Aio (see `Drop for Requests`).

@@ -104,3 +104,44 @@ def test_bad_relay_values_change_nothing_and_a_relay_that_cannot_listen_says_so(
     commit_many(primary, 5)
     cluster.converge(primary, replica)
     cluster.identical(primary, replica)
+
+
+def test_relays_chain(cluster, tmp_path, port):
+    """primary -> relay -> relay -> replica: the last one, three hops away,
+    bootstraps through both relays and follows the stream they pass on."""
+    tmp = str(tmp_path)
+    primary = os.path.join(tmp, "primary.db")
+    hops = [os.path.join(tmp, f"hop{i}.db") for i in (1, 2, 3)]
+    pn = cluster.primary(primary, port)
+    commit_many(primary, 10, per_txn=10)
+    follows = port
+    for i, db in enumerate(hops):
+        n = cluster.replica(db, follows, name=f"hop{i + 1}")
+        if i < 2:
+            follows = wc.free_port_pair()
+            assert n.rows(f"PRAGMA walcast_relay = '{tcp(follows)}'") == [[tcp(follows)]]
+    cluster.converge(primary, hops[-1])
+    commit_many(primary, 20)
+    for db in hops:
+        cluster.converge(primary, db)
+    st = wc.status(hops[-1])
+    assert st["state"] == "streaming" and st["bootstraps"] >= 1 and st["rejected_messages"] == 0, st
+    assert pn.status()["replicas"] == 1, pn.status()
+    cluster.identical(primary, hops[-1])
+
+
+def test_switching_the_relay_on_and_off_never_stalls_apply(cluster, tmp_path, port):
+    """Each change restarts the applier's session, closing the relay's sockets
+    while its threads may still be starting (this once hung the applier for
+    good); apply must go on after every one."""
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    cluster.primary(primary, port)
+    rn = cluster.replica(replica, port)
+    ports = [wc.free_port_pair(), wc.free_port_pair()]
+    for i in range(30):
+        value = "off" if i % 3 == 2 else tcp(ports[i % 2])
+        assert rn.rows(f"PRAGMA walcast_relay = '{value}'") == [[value]]
+        commit_many(primary, 2)
+        cluster.converge(primary, replica, timeout=20)
+    cluster.identical(primary, replica)
