@@ -664,14 +664,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// key is set), then handled.
     fn receive(&mut self, socks: &ReplicaSockets, raw: &[u8]) {
         match socks.open_live(raw) {
-            Ok(m) => {
-                // Passed on before it is applied, so that a relay adds no apply
-                // time to its replicas' lag; they verify it as this replica does.
-                if let Some(r) = &self.relay {
-                    r.forward(raw);
-                }
-                self.on_message(&m)
-            }
+            Ok(m) => self.on_message(&m, raw),
             Err(e) => {
                 self.shared.status().last_message = Some(Instant::now());
                 self.reject(format!("discarded a message: {e}"));
@@ -679,7 +672,8 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         }
     }
 
-    fn on_message(&mut self, m: &[u8]) {
+    /// `raw`: the message as it arrived, which a relay passes on.
+    fn on_message(&mut self, m: &[u8], raw: &[u8]) {
         self.shared.status().last_message = Some(Instant::now());
         let (h, body) = match wire::decode(m) {
             Ok(x) => x,
@@ -688,6 +682,12 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 return;
             }
         };
+        // A relay passes on what opened and decoded (its CRC checks), before
+        // applying it, so that it adds no apply time to its replicas' lag;
+        // they verify every frame as this replica does.
+        if let Some(r) = &self.relay {
+            r.forward(raw);
+        }
         match body {
             Body::Heartbeat { last_frame_no, last_checksum, .. } => {
                 self.note_primary(last_frame_no);

@@ -377,3 +377,55 @@ def test_snapshot_through_damaged_replies_completes_once(cluster, relays_closed,
     commit_many(primary, 10)
     cluster.converge(primary, replica)
     cluster.identical(primary, replica)
+
+
+# --- relays: a faulty link above a walcast relay --------------------------------------
+
+def test_faults_above_a_walcast_relay_never_reach_its_replicas(cluster, relays_closed, tmp_path):
+    """primary -> (heavy faults on the live channel) -> a replica that relays
+    (`PRAGMA walcast_relay`) -> its replica. The relay passes on only messages
+    that open and decode, so the damage stops there (its rejected_messages
+    grow, its replica's stay 0); losses, duplicates and reordering pass
+    through, and the replica below repairs them by catch-up through the relay.
+    Stock sqlite3 readers check the invariant on the replica below all along;
+    after the faults stop, both converge byte-identical."""
+    tmp = str(tmp_path)
+    port = wc.free_port_pair()
+    primary, hop, below = (os.path.join(tmp, n) for n in ("primary.db", "hop.db", "below.db"))
+    cluster.primary(primary, port, setup=INVARIANT_SETUP + T_SCHEMA)
+    commit_many(primary, 5, per_txn=20)
+    faults, hop_node = through_relay(cluster, port, "hop", hop)
+    relay_port = wc.free_port_pair()
+    assert hop_node.rows(f"PRAGMA walcast_relay = '{tcp(relay_port)}'") == [[tcp(relay_port)]]
+    below_node = cluster.replica(below, relay_port, name="below")
+    for db in (hop, below):
+        cluster.converge(primary, db)
+    before = {"hop": hop_node.status(), "below": below_node.status()}
+    reader = PlainReader(below)
+    faults.set_rates("pub", **HEAVY)
+    t0 = time.monotonic()
+    writer = Writer(primary, SEED)
+
+    def damage_reached_hop():
+        c = faults.counters()["pub/down"]
+        return c["corrupted"] + c["truncated"]
+    try:
+        wc.wait_for(lambda: time.monotonic() - t0 >= min(SECONDS, 8) and damage_reached_hop() >= 3
+                    and writer.batches >= 1, timeout=SECONDS + 120, what=f"damage: {faults.counters()['total']}")
+    finally:
+        writer.stop()
+        faults.clear()
+    for db in (hop, below):
+        cluster.converge(primary, db, timeout=120)
+    reads = reader.stop_and_check()
+    after = {"hop": hop_node.status(), "below": below_node.status()}
+    print(f"faults: {json.dumps(show(faults.counters()))}; reads below: {reads}")
+    for k in after:
+        print(f"[{k}] before: rejected {before[k]['rejected_messages']}, catch_ups {before[k]['catch_ups']}; "
+              f"after: {json.dumps(after[k])}")
+    assert after["hop"]["rejected_messages"] > before["hop"]["rejected_messages"], after["hop"]
+    assert after["below"]["rejected_messages"] == before["below"]["rejected_messages"], after["below"]
+    assert after["below"]["catch_ups"] > before["below"]["catch_ups"], after["below"]
+    assert after["below"]["state"] == "streaming" and after["below"]["lag_frames"] == 0, after["below"]
+    cluster.identical(primary, below)
+    cluster.identical(primary, hop)
