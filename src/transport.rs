@@ -345,15 +345,22 @@ pub struct ReplicaSockets {
     /// Catch-up replies that were damaged (or did not open) and were asked
     /// for again, and the last reason, for the replica's status.
     damaged: std::sync::Mutex<(u64, Option<String>)>,
+    /// Held while contexts are opened on `request`, and by `SocketCloser`
+    /// while it closes the sockets: NNG 1.4 adds a context opened while its
+    /// socket closes to the socket's list and then leaves it there, and the
+    /// close waits for that list to empty, for good.
+    contexts: Arc<std::sync::Mutex<()>>,
 }
 
 /// Closes a replica's sockets from another thread: a receive or a catch-up
 /// call blocked on an unreachable primary returns at once.
 #[derive(Clone)]
-pub struct SocketCloser(Vec<Socket>);
+pub struct SocketCloser(Vec<Socket>, Arc<std::sync::Mutex<()>>);
 
 impl SocketCloser {
     pub fn close(&self) {
+        // Never while the applier opens contexts (see `ReplicaSockets::contexts`).
+        let _opening = self.1.lock().unwrap_or_else(|e| e.into_inner());
         for s in &self.0 {
             s.close();
         }
@@ -371,7 +378,7 @@ impl Drop for ReplicaSockets {
 
 impl ReplicaSockets {
     pub fn closer(&self) -> SocketCloser {
-        SocketCloser(vec![self.subscribe.clone(), self.request.clone()])
+        SocketCloser(vec![self.subscribe.clone(), self.request.clone()], self.contexts.clone())
     }
 
     pub fn dial(ep: &Endpoint, sealer: Sealer) -> Result<ReplicaSockets, String> {
@@ -396,7 +403,16 @@ impl ReplicaSockets {
         let _ = request.set_opt::<SendTimeout>(Some(Duration::from_secs(2)));
         let _ = request.set_opt::<RecvTimeout>(Some(Duration::from_secs(5)));
         request.dial_async(&ep.catchup).map_err(|e| nng_err("cannot dial", &ep.catchup, e))?;
-        Ok(ReplicaSockets { subscribe, live, _live_aio, request, sealer, connected, damaged: Default::default() })
+        Ok(ReplicaSockets {
+            subscribe,
+            live,
+            _live_aio,
+            request,
+            sealer,
+            connected,
+            damaged: Default::default(),
+            contexts: Default::default(),
+        })
     }
 
     /// The next live message, waiting at most `wait`: Ok(None) when none came.
@@ -525,6 +541,7 @@ impl<'a, T> Requests<'a, T> {
         let _ = socks.request.set_opt::<ResendTime>(Some(RESEND));
         let (tx, done) = crossbeam_channel::unbounded();
         let mut slots = Vec::with_capacity(depth);
+        let opening = socks.contexts.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..depth.max(1) {
             let err = |e| format!("cannot open a catch-up request context: {e}");
             let ctx = nng::Context::new(&socks.request).map_err(err)?;
@@ -549,6 +566,7 @@ impl<'a, T> Requests<'a, T> {
             aio.set_timeout(Some(REPLY_WAIT)).map_err(err)?;
             slots.push(Slot { aio, ctx, pending: None });
         }
+        drop(opening);
         Ok(Requests { socks, slots, done, in_flight: 0 })
     }
 
@@ -729,6 +747,38 @@ mod tests {
         server.publish.close();
         echo.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A replica's sockets closed from another thread (a promotion stops the
+    /// applier so) while the applier opens request contexts: the close must
+    /// return. Without the lock around both, NNG's close waited for good for a
+    /// context opened during it, in some of these rounds.
+    #[test]
+    fn closing_while_contexts_are_opened_never_hangs() {
+        let dir = std::env::temp_dir().join(format!("walcast-ctxclose-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Nothing listens there: the dials retry in the background.
+        let ep = parse_endpoint(&format!("ipc://{}/none", dir.display())).unwrap();
+        let (done, finished) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            for round in 0..300u32 {
+                let socks = Arc::new(ReplicaSockets::dial(&ep, Sealer::default()).unwrap());
+                let closer = socks.closer();
+                let opener = {
+                    let socks = socks.clone();
+                    std::thread::spawn(move || while let Ok(r) = socks.requests::<u32>(4) { drop(r) })
+                };
+                for _ in 0..round % 17 {
+                    std::thread::yield_now();
+                }
+                closer.close();
+                opener.join().unwrap();
+            }
+            let _ = done.send(());
+        });
+        let r = finished.recv_timeout(std::time::Duration::from_secs(120));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(r.is_ok(), "a close of the request socket never returned");
     }
 
     #[test]
