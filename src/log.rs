@@ -850,6 +850,8 @@ pub struct LogWriter {
     pub generation_reason: Option<String>,
     /// Everything before this offset is known to be durable.
     durable_end: u64,
+    /// The last `sync` failed in fsync itself (not in the writes before it).
+    sync_data_failed: bool,
     /// Writeback has been started for everything before this offset.
     writeback_end: u64,
     slot_seq: u64,
@@ -921,6 +923,7 @@ impl LogWriter {
             last_batch_start: state,
             generation_reason: None,
             durable_end: RECORDS_START,
+            sync_data_failed: false,
             writeback_end: RECORDS_START,
             slot_seq: 0,
             pending: None,
@@ -974,6 +977,7 @@ impl LogWriter {
             last_batch_start: start,
             generation_reason: None,
             durable_end: snapshot.end_offset,
+            sync_data_failed: false,
             writeback_end: snapshot.end_offset,
             slot_seq: seq,
             pending: None,
@@ -1275,9 +1279,18 @@ impl LogWriter {
     /// Makes everything appended so far durable, then records this point in the
     /// older header slot (that slot write becomes durable at the next sync; until
     /// then the other slot still names a durable point).
+    /// Whether the last `sync` failed in fsync itself: then what was written
+    /// before it may be lost, and only a sync that succeeds ends the failure.
+    /// A failed write before the fsync is an ordinary write failure.
+    pub fn sync_data_failed(&self) -> bool {
+        self.sync_data_failed
+    }
+
     pub fn sync(&mut self) -> LogResult<()> {
         self.flush()?;
+        self.sync_data_failed = true;
         self.file.sync_data()?;
+        self.sync_data_failed = false;
         self.durable_end = self.state.end_offset;
         // Write the slot that is not the newest valid one on disk. Another
         // process may have written a newer slot since we read the header; and a

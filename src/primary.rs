@@ -958,7 +958,11 @@ impl DbState {
             Err(e) => {
                 let msg = format!("capture failed, will retry: {e}");
                 report(&format!("{}: {msg}", self.db_path));
-                Streak::failed(&mut g.failure_streak, &self.failure_path, &msg, false, syncs);
+                // Only a failed fsync needs a sync to end it: a write that failed
+                // before it (or in an operation that syncs nothing) is ended by
+                // the next capture that succeeds.
+                let sync_failed = syncs && g.log.as_ref().is_none_or(|l| l.sync_data_failed());
+                Streak::failed(&mut g.failure_streak, &self.failure_path, &msg, false, sync_failed);
                 g.last_error = Some(msg);
             }
         }
