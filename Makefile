@@ -11,7 +11,7 @@ all: build
 
 build: $(EXT)
 
-$(EXT): Cargo.toml $(wildcard src/*.rs)
+$(EXT): Cargo.toml $(wildcard src/*.rs) vendor/nng-sys/nng/src/core/listener.c
 	$(CARGO) build --release
 
 deps:

@@ -1008,3 +1008,31 @@ def test_uri_parameters_and_default_ipc_endpoint(cluster, tmp_path):
     commit_many(primary, 5)
     cluster.converge(primary, replica)
     cluster.identical(primary, replica)
+
+
+def test_clients_that_hang_up_at_once_never_stop_the_primary_accepting(cluster, tmp_path):
+    """A client that connects and closes before the primary has answered (a
+    process that became a replica's applier and exited at once, a health
+    check, a port scan) fails the connection's handshake. NNG 1.4 then stopped
+    accepting on that address for good: every later replica timed out,
+    silently (issue found by a flaky test_uri_parameters_and_default_ipc_endpoint).
+    walcast builds NNG with the fix (vendor/nng-sys, README)."""
+    import socket as pysocket
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "p.db"), os.path.join(tmp, "r.db")
+    cluster.primary(primary, None)
+    st = wc.status(primary)
+    commit_many(primary, 5)
+    paths = [st["endpoint"][len("ipc://"):], st["catchup_endpoint"][len("ipc://"):]]
+    for _ in range(20):
+        for p in paths:
+            s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+            s.connect(p)
+            s.close()
+    rn = cluster.node(replica, "--endpoint", st["endpoint"], "--set-role", name="replica")
+    assert rn.ready.get("walcast_role") == "replica", rn.ready
+    commit_many(primary, 5)
+    cluster.converge(primary, replica, timeout=20)
+    # The live stream too, not only catch-up: the primary counts the replica.
+    wc.wait_for(lambda: wc.status(primary)["replicas"] == 1, what="the primary counting 1 replica")
+    cluster.identical(primary, replica)

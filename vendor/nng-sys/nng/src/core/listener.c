@@ -395,10 +395,16 @@ listener_accept_cb(void *arg)
 		nni_listener_bump_error(l, rv);
 		listener_accept_start(l);
 		break;
-	case NNG_ECLOSED:   // no further action
 	case NNG_ECANCELED: // no further action
 		nni_listener_bump_error(l, rv);
 		break;
+	// walcast: NNG_ECLOSED is not only our own close. A transport also
+	// reports it when the handshake of one accepted connection fails with
+	// EPIPE (the client hung up before we sent our header), and stopping
+	// here then stopped accepting for good. Cool down and accept again, as
+	// for other errors: once the listener is closed, its timer aio is
+	// closed too and the retry never runs.
+	case NNG_ECLOSED:
 	default:
 		// We don't really know why we failed, but we back off
 		// here. This is because errors here are probably due
