@@ -66,6 +66,8 @@ pub struct LogTail {
     /// record headers of many small units.
     window: Vec<u8>,
     window_at: u64,
+    /// The buffer the next read ahead goes into (the window's last one).
+    spare: Vec<u8>,
 }
 
 fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
@@ -75,7 +77,7 @@ fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
 impl Clone for LogTail {
     /// Another reader of the same file, without the read-ahead bytes.
     fn clone(&self) -> LogTail {
-        LogTail { file: self.file.clone(), db_id: self.db_id, pos: self.pos, window: Vec::new(), window_at: 0 }
+        LogTail { file: self.file.clone(), db_id: self.db_id, pos: self.pos, window: Vec::new(), window_at: 0, spare: Vec::new() }
     }
 }
 
@@ -97,7 +99,7 @@ impl LogTail {
             last_checksum: st.last_checksum,
             db_pages: st.db_pages,
         };
-        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, pos, window: Vec::new(), window_at: 0 })
+        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, pos, window: Vec::new(), window_at: 0, spare: Vec::new() })
     }
 
     pub fn file(&self) -> &File {
@@ -120,11 +122,23 @@ impl LogTail {
         const AHEAD: usize = 64 << 10;
         let end = self.window_at + self.window.len() as u64;
         if off < self.window_at || off + buf.len() as u64 > end {
-            self.window.resize(AHEAD.max(buf.len()), 0);
-            let mut w = std::mem::take(&mut self.window);
-            let n = self.read_some(&mut w, off)?;
+            let mut w = std::mem::take(&mut self.spare);
+            w.resize(AHEAD.max(buf.len()), 0);
+            // One read: at the log's end it returns what there is, and the
+            // next look at the end reads again anyway (reading until the
+            // buffer is full would ask a second time at once).
+            let mut n = read_once_at(&self.file, &mut w, off)?;
+            if n > 0 && n < buf.len() {
+                n += self.read_some(&mut w[n..buf.len()], off + n as u64)?;
+            }
+            if n == 0 {
+                // Nothing new: keep the window, which still holds the units
+                // just found (see `frames_just_found`).
+                self.spare = w;
+                return Ok(0);
+            }
             w.truncate(n);
-            self.window = w;
+            self.spare = std::mem::replace(&mut self.window, w);
             self.window_at = off;
         }
         let from = (off - self.window_at) as usize;
@@ -299,33 +313,36 @@ impl LogTail {
         while off < end {
             let want = buf.len().min((end - off) as usize);
             let got = self.read_some(&mut buf[..want], off)?;
-            let mut i = 0;
-            while i < got {
-                let tag = buf[i];
-                let len = match tag {
-                    TAG_FRAME => rec,
-                    TAG_COMMIT => COMMIT_LEN,
-                    TAG_WAL_EVENT => WAL_EVENT_LEN,
-                    TAG_GENERATION => return Ok(off + i as u64),
-                    t => return Err(corrupt(off + i as u64, format!("unknown record tag 0x{t:02x}"))),
-                };
-                if i + len > got {
-                    break; // the record continues in the next read
-                }
-                if tag == TAG_FRAME {
-                    let fh = FrameHeader::decode(buf[i + 1..i + 1 + FRAME_HEADER_LEN].try_into().unwrap());
-                    if !each(&fh, &buf[i + 1 + FRAME_HEADER_LEN..i + len])? {
-                        return Ok(off + i as u64);
-                    }
-                }
-                i += len;
+            match walk_records(&buf[..got], off, rec, &mut each)? {
+                Walked::Stopped(at) => return Ok(at),
+                Walked::Through(0) => return Err(corrupt(off, "log ends inside a committed record")),
+                Walked::Through(i) => off += i as u64,
             }
-            if i == 0 {
-                return Err(corrupt(off, "log ends inside a committed record"));
-            }
-            off += i as u64;
         }
         Ok(off)
+    }
+
+    /// `frames_in_range` for the units `next_unit` has just found since
+    /// `forget_window`: their bytes are still in the read-ahead window (a
+    /// live batch is a few pages), so they are not read a second time.
+    pub fn frames_just_found(
+        &self,
+        from: u64,
+        end: u64,
+        page_size: u32,
+        mut each: impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>,
+    ) -> io::Result<u64> {
+        let window_end = self.window_at + self.window.len() as u64;
+        if from < self.window_at || end > window_end {
+            return self.frames_in_range(from, end, page_size, each);
+        }
+        let at = (from - self.window_at) as usize;
+        let bytes = &self.window[at..at + (end - from) as usize];
+        match walk_records(bytes, from, 1 + FRAME_HEADER_LEN + page_size as usize, &mut each)? {
+            Walked::Stopped(stop) => Ok(stop),
+            Walked::Through(i) if i == bytes.len() => Ok(end),
+            Walked::Through(i) => Err(corrupt(from + i as u64, "log ends inside a committed record")),
+        }
     }
 
     /// The header (without the page) of one frame of `unit`.
@@ -415,6 +432,54 @@ impl LogTail {
     }
 }
 
+/// How far `walk_records` went.
+enum Walked {
+    /// `each` asked to stop at the record at this log offset (or a new
+    /// generation starts there).
+    Stopped(u64),
+    /// It went through this many bytes of whole records.
+    Through(usize),
+}
+
+/// Calls `each` for every frame record in `buf`, which holds the log's bytes
+/// from offset `off`, up to its last whole record.
+fn walk_records(buf: &[u8], off: u64, rec: usize, each: &mut impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>) -> io::Result<Walked> {
+    let mut i = 0;
+    while i < buf.len() {
+        let tag = buf[i];
+        let len = match tag {
+            TAG_FRAME => rec,
+            TAG_COMMIT => COMMIT_LEN,
+            TAG_WAL_EVENT => WAL_EVENT_LEN,
+            TAG_GENERATION => return Ok(Walked::Stopped(off + i as u64)),
+            t => return Err(corrupt(off + i as u64, format!("unknown record tag 0x{t:02x}"))),
+        };
+        if i + len > buf.len() {
+            break; // the record continues past `buf`
+        }
+        if tag == TAG_FRAME {
+            let fh = FrameHeader::decode(buf[i + 1..i + 1 + FRAME_HEADER_LEN].try_into().unwrap());
+            if !each(&fh, &buf[i + 1 + FRAME_HEADER_LEN..i + len])? {
+                return Ok(Walked::Stopped(off + i as u64));
+            }
+        }
+        i += len;
+    }
+    Ok(Walked::Through(i))
+}
+
+/// One read of up to `buf.len()` bytes at `off` (retried only when
+/// interrupted); 0 at the end of the file.
+fn read_once_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    loop {
+        match file.read_at(buf, off) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +524,53 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![(4, 3, 4)]);
         assert_eq!(t.frame_header(&u2, 3).unwrap().page_no, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The live batch is walked from what `next_unit` read (one read of the
+    /// log per look, plus one at its end), and gives what a read of the file
+    /// gives; a look that finds nothing new keeps those bytes.
+    #[test]
+    fn units_just_found_are_walked_without_reading_the_log_again() {
+        let (dir, p) = scratch_log("tailtest4");
+        let mut w = LogWriter::create(&p, [6; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 1, &[1; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        let mut t = LogTail::open(&p, true).unwrap();
+        assert!(t.next_unit().unwrap().is_some());
+        assert!(t.next_unit().unwrap().is_none());
+        w.begin_batch();
+        w.add_frame(2, 0, &[2; 512]).unwrap();
+        w.add_frame(3, 3, &[3; 512]).unwrap();
+        w.commit(3, None).unwrap();
+        t.forget_window();
+        let u = t.next_unit().unwrap().unwrap();
+        assert!(t.next_unit().unwrap().is_none(), "the end: nothing new");
+        let walk = |from_window: bool| {
+            let mut seen = vec![];
+            let each = |h: &FrameHeader, pg: &[u8]| {
+                seen.push((h.frame_no, h.page_no, pg[0]));
+                Ok(true)
+            };
+            let end = if from_window {
+                t.frames_just_found(u.frames_offset, u.end, u.page_size, each)
+            } else {
+                t.frames_in_range(u.frames_offset, u.end, u.page_size, each)
+            };
+            assert_eq!(end.unwrap(), u.end);
+            seen
+        };
+        let expected = vec![(2, 2, 2), (3, 3, 3)];
+        assert_eq!(walk(false), expected);
+        assert_eq!(walk(true), expected);
+        // Proof that the window served it: the file's bytes there now differ.
+        let mut b = std::fs::read(&p).unwrap();
+        let at = u.frames_offset as usize + 1 + FRAME_HEADER_LEN;
+        b[at] = 0xee;
+        std::fs::write(&p, &b).unwrap();
+        assert_eq!(walk(true), expected);
+        assert_eq!(walk(false)[0], (2, 2, 0xee));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -445,7 +445,7 @@ impl Batch {
         let expected = (s.end.saturating_sub(s.from) as usize).min(wire::LIVE_CHUNK_BYTES + 64);
         let live = |flags| FramesBuilder::new(tail.db_id, s.generation, flags, s.last_frame_no, s.page_size, expected).with_limit(wire::LIVE_CHUNK_BYTES);
         let mut fb = live(flags);
-        tail.frames_in_range(s.from, s.end, s.page_size, |h, page| {
+        tail.frames_just_found(s.from, s.end, s.page_size, |h, page| {
             if fb.full() {
                 let full = std::mem::replace(&mut fb, live(0));
                 // A full queue drops the message: the replica sees the gap and catches up.
