@@ -398,7 +398,8 @@ impl Drop for LiveSlot<'_> {
 }
 
 /// Units on their way out: the units found in one look at the log go out
-/// together, read with one read per ~1 MiB and sent in messages of at most
+/// together, taken from what that look read (or, past its 64 KiB, read again
+/// with one read per ~1 MiB) and sent in messages of at most
 /// `wire::CHUNK_BYTES` of pages, so that a burst of small transactions costs one
 /// message (and one apply) per chunk, not one per transaction. A message holds
 /// frames of one generation; a base image starts its own.
