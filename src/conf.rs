@@ -21,13 +21,19 @@ use std::io::{self, Write};
 use std::path::Path;
 
 
-/// `<path>.tmp`: where a file beside the database is written before it is
-/// renamed over `path`. Named after the whole name: `with_extension` would cut
-/// it at the first dot, so that `app.db-...` and `app.sqlite-...` would share
-/// one temporary file, and one database could get the other's file.
+/// `<path>.tmp-<pid>-<n>`: where a file beside the database is written before
+/// it is renamed over `path`. Named after the whole name: `with_extension`
+/// would cut it at the first dot, so that `app.db-...` and `app.sqlite-...`
+/// would share one temporary file, and one database could get the other's
+/// file. Unique to the write: two writers of one file (a replica's applier
+/// recording its primary's db_id while a pragma sets its relay) shared
+/// `<path>.tmp`, and the second rename found nothing to rename (ENOENT), so
+/// the pragma failed.
 pub fn temp_beside(path: &Path) -> std::path::PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut t = path.as_os_str().to_owned();
-    t.push(".tmp");
+    t.push(format!(".tmp-{}-{n}", std::process::id()));
     t.into()
 }
 
@@ -170,8 +176,36 @@ mod tests {
     fn databases_that_differ_after_the_first_dot_get_their_own_temporary_files() {
         let a = temp_beside(Path::new("/d/app.db-walcast-conf"));
         let b = temp_beside(Path::new("/d/app.sqlite-walcast-conf"));
-        assert_eq!(a, Path::new("/d/app.db-walcast-conf.tmp"));
-        assert_ne!(a, b);
+        assert!(a.to_str().unwrap().starts_with("/d/app.db-walcast-conf.tmp-"), "{a:?}");
+        assert!(b.to_str().unwrap().starts_with("/d/app.sqlite-walcast-conf.tmp-"), "{b:?}");
+        assert_ne!(temp_beside(Path::new("/d/x")), temp_beside(Path::new("/d/x")));
+    }
+
+    /// Found by running tests/test_relay.py 3 at a time: with one shared
+    /// temporary file, one of two concurrent saves failed with ENOENT.
+    #[test]
+    fn concurrent_saves_of_one_conf_all_succeed() {
+        let d = std::env::temp_dir().join(format!("walcast-conf-race-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        let p = d.join("app.db-walcast-conf");
+        let threads: Vec<_> = (0..4u8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        let c = Conf { role: Role::Replica, db_id: Some([i; 16]), ..Default::default() };
+                        c.save(&p).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(Conf::load(&p).unwrap().role, Role::Replica);
+        let left: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1, "no temporary file is left behind: {left:?}");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
