@@ -494,6 +494,17 @@ mod tests {
         (dir, p)
     }
 
+    /// A log in a scratch directory holding one unit: a 512-byte generation
+    /// and frame 1 (page 1), committed; its writer stays open for more.
+    fn log_of_one_unit(name: &str, db_id: u8) -> (std::path::PathBuf, std::path::PathBuf, LogWriter) {
+        let (dir, p) = scratch_log(name);
+        let mut w = LogWriter::create(&p, [db_id; 16]).unwrap();
+        w.begin_generation(512, "test").unwrap();
+        w.add_frame(1, 1, &[1; 512]).unwrap();
+        w.commit(1, None).unwrap();
+        (dir, p, w)
+    }
+
     #[test]
     fn follows_units_and_ignores_an_unfinished_one() {
         let (dir, p) = scratch_log("tailtest");
@@ -532,11 +543,7 @@ mod tests {
     /// gives; a look that finds nothing new keeps those bytes.
     #[test]
     fn units_just_found_are_walked_without_reading_the_log_again() {
-        let (dir, p) = scratch_log("tailtest4");
-        let mut w = LogWriter::create(&p, [6; 16]).unwrap();
-        w.begin_generation(512, "test").unwrap();
-        w.add_frame(1, 1, &[1; 512]).unwrap();
-        w.commit(1, None).unwrap();
+        let (dir, p, mut w) = log_of_one_unit("tailtest4", 6);
         let mut t = LogTail::open(&p, true).unwrap();
         assert!(t.next_unit().unwrap().is_some());
         assert!(t.next_unit().unwrap().is_none());
@@ -579,11 +586,7 @@ mod tests {
     /// u64::MAX its offsets overflowed.
     #[test]
     fn a_header_past_the_end_of_the_file_is_damage() {
-        let (dir, p) = scratch_log("tailtest3");
-        let mut w = LogWriter::create(&p, [5; 16]).unwrap();
-        w.begin_generation(512, "test").unwrap();
-        w.add_frame(1, 1, &[1; 512]).unwrap();
-        w.commit(1, None).unwrap();
+        let (dir, p, mut w) = log_of_one_unit("tailtest3", 5);
         w.sync().unwrap();
         assert!(LogTail::open(&p, false).is_ok());
         let mut b = std::fs::read(&p).unwrap();
@@ -604,11 +607,7 @@ mod tests {
     /// test` and in fuzz builds, which check overflow; release builds wrapped).
     #[test]
     fn a_commit_record_at_the_last_frame_no_is_damage() {
-        let (dir, p) = scratch_log("tailtest2");
-        let mut w = LogWriter::create(&p, [4; 16]).unwrap();
-        w.begin_generation(512, "test").unwrap();
-        w.add_frame(1, 1, &[1; 512]).unwrap();
-        w.commit(1, None).unwrap();
+        let (dir, p, _w) = log_of_one_unit("tailtest2", 4);
         let mut b = std::fs::read(&p).unwrap();
         let at = b.len() - COMMIT_LEN;
         b[at + 1..at + 9].copy_from_slice(&u64::MAX.to_le_bytes());
