@@ -471,9 +471,10 @@ impl DbState {
     pub fn set_endpoint(&self, url: &str) -> Result<String, String> {
         let ep = crate::transport::parse_endpoint(url)?;
         let mut g = self.lock();
-        let mut c = Conf::load(&self.conf_path)?;
-        c.endpoint = Some(ep.url.clone());
-        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        Conf::update(&self.conf_path, |c| {
+            c.endpoint = Some(ep.url.clone());
+            Ok(())
+        })?;
         if let Some(r) = &g.replica {
             r.shared.set_endpoint(Some(ep.url.clone()));
         }
@@ -519,11 +520,10 @@ impl DbState {
         let mut g = self.lock();
         match role {
             Role::Off => {
-                let mut c = Conf::load(&self.conf_path)?;
-                if c.role != Role::Off {
+                Conf::update(&self.conf_path, |c| {
                     c.role = Role::Off;
-                    c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
-                }
+                    Ok(())
+                })?;
                 self.stop_capturing();
                 self.refusing_writes.store(false, Ordering::Release);
                 self.replica_role.store(false, Ordering::Release);
@@ -536,12 +536,12 @@ impl DbState {
                 Ok(Role::Off)
             }
             Role::Replica => {
-                let mut c = Conf::load(&self.conf_path)?;
+                let c = Conf::load(&self.conf_path)?;
                 if g.role == Role::Replica && g.replica.is_some() {
                     return Ok(Role::Replica);
                 }
                 if c.role == Role::Primary || g.role == Role::Primary {
-                    return self.demote(&mut g, c);
+                    return self.demote(&mut g);
                 }
                 if c.role != Role::Replica {
                     // Only a new, empty database or an existing replica may
@@ -557,10 +557,12 @@ impl DbState {
                         ));
                     }
                 }
-                c.role = Role::Replica;
-                c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+                let endpoint = Conf::update(&self.conf_path, |c| {
+                    c.role = Role::Replica;
+                    Ok(c.endpoint.clone())
+                })?;
                 let me = lookup(&self.db_path).ok_or("database state is gone")?;
-                me.start_replica(&mut g, c.endpoint);
+                me.start_replica(&mut g, endpoint);
                 Ok(Role::Replica)
             }
             Role::Primary => {
@@ -569,7 +571,7 @@ impl DbState {
                 }
                 let mut c = Conf::load(&self.conf_path)?;
                 if c.role == Role::Replica || g.role == Role::Replica {
-                    self.promote(&mut g, c)?;
+                    self.promote(&mut g)?;
                     drop(g);
                     return self.catch_up_now().map(|_| Role::Primary).map_err(|e| {
                         format!(
@@ -583,9 +585,14 @@ impl DbState {
                 if existing_log.is_none() || c.db_id.is_none() {
                     c.db_id = Some(conf::random_id().map_err(|e| format!("cannot make a database id: {e}"))?);
                 }
-                let before = Conf::load(&self.conf_path)?;
+                let db_id = c.db_id;
+                let before_role = Conf::update(&self.conf_path, |now| {
+                    let before_role = now.role;
+                    now.role = Role::Primary;
+                    now.db_id = db_id;
+                    Ok(before_role)
+                })?;
                 c.role = Role::Primary;
-                c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
                 g.fatal = None;
                 let r = self.activate(&mut g, Some(&c));
                 drop(g);
@@ -596,11 +603,13 @@ impl DbState {
                         let mut g = self.lock();
                         self.stop_capturing();
                         self.refusing_writes.store(false, Ordering::Release);
-                        g.role = before.role;
+                        g.role = before_role;
                         g.log = None;
                         // Keep the new identity: the log just created carries it.
-                        let _ = Conf { role: before.role, db_id: c.db_id, endpoint: c.endpoint.clone(), relay: c.relay.clone(), ..Default::default() }
-                            .save(&self.conf_path);
+                        let _ = Conf::update(&self.conf_path, |now| {
+                            now.role = before_role;
+                            Ok(())
+                        });
                         Err(e)
                     }
                 }
@@ -614,15 +623,17 @@ impl DbState {
     /// hold writes the new primary never saw. The replica knows no position, so
     /// it bootstraps from the primary it is pointed at (same db_id only), which
     /// replaces any such divergent writes rather than merging them.
-    fn demote(&self, g: &mut Inner, mut c: Conf) -> Result<Role, String> {
+    fn demote(&self, g: &mut Inner) -> Result<Role, String> {
         let aside = PathBuf::from(format!("{}.demoted-{}", self.log_path.display(), crate::log::now_ms()));
-        let before = c.clone();
-        c.role = Role::Replica;
-        // The endpoint was where this primary listened, not a primary to follow.
-        c.endpoint = None;
-        c.promoting = false;
-        c.rebootstrap = false;
-        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        let before = Conf::update(&self.conf_path, |c| {
+            let before = c.clone();
+            c.role = Role::Replica;
+            // The endpoint was where this primary listened, not a primary to follow.
+            c.endpoint = None;
+            c.promoting = false;
+            c.rebootstrap = false;
+            Ok(before)
+        })?;
         g.log = None;
         g.publisher = None;
         g.fatal = None;
@@ -630,7 +641,13 @@ impl DbState {
         self.stop_capturing();
         if self.log_path.exists() {
             if let Err(e) = std::fs::rename(&self.log_path, &aside) {
-                let _ = before.save(&self.conf_path);
+                let _ = Conf::update(&self.conf_path, |c| {
+                    c.role = before.role;
+                    c.endpoint = before.endpoint.clone();
+                    c.promoting = before.promoting;
+                    c.rebootstrap = before.rebootstrap;
+                    Ok(())
+                });
                 if let Err(e) = self.activate(g, None) {
                     self.set_fatal(g, e);
                 }
@@ -655,7 +672,7 @@ impl DbState {
     /// checksum, in a new term. Its first generation is a base image of the
     /// replica as applied. Replicas that follow the new primary then refuse
     /// everything the old primary sends (an older generation).
-    fn promote(&self, g: &mut Inner, mut c: Conf) -> Result<(), String> {
+    fn promote(&self, g: &mut Inner) -> Result<(), String> {
         if self.log_path.exists() {
             return Err(format!(
                 "cannot promote {}: a replication log {} already exists beside it; move it aside first",
@@ -663,14 +680,17 @@ impl DbState {
                 self.log_path.display()
             ));
         }
-        c.promoting = true;
-        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
-        let endpoint = c.endpoint.clone();
+        let endpoint = Conf::update(&self.conf_path, |c| {
+            c.promoting = true;
+            Ok(c.endpoint.clone())
+        })?;
         // Stop this process's applier, then wait for any other to stop.
         g.replica = None;
-        let undo = |g: &mut Inner, c: &mut Conf, why: String| -> Result<(), String> {
-            c.promoting = false;
-            let _ = c.save(&self.conf_path);
+        let undo = |g: &mut Inner, why: String| -> Result<(), String> {
+            let _ = Conf::update(&self.conf_path, |c| {
+                c.promoting = false;
+                Ok(())
+            });
             if let Some(me) = lookup(&self.db_path) {
                 me.start_replica(g, endpoint.clone());
             }
@@ -679,21 +699,21 @@ impl DbState {
         let lock_path = format!("{}-walcast-applier", self.db_path);
         let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
             Ok(f) => f,
-            Err(e) => return undo(g, &mut c, format!("cannot open {lock_path}: {e}")),
+            Err(e) => return undo(g, format!("cannot open {lock_path}: {e}")),
         };
         let deadline = Instant::now() + PROMOTE_WAIT;
         while lock.try_lock().is_err() {
             if Instant::now() >= deadline {
-                return undo(g, &mut c, format!("another process still applies to it after {} s", PROMOTE_WAIT.as_secs()));
+                return undo(g, format!("another process still applies to it after {} s", PROMOTE_WAIT.as_secs()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let Some((pos, _)) = crate::replica::load_position(&crate::replica::position_path(&self.db_path)) else {
-            return undo(g, &mut c, "it has no applied position (it never completed a bootstrap)".into());
+            return undo(g, "it has no applied position (it never completed a bootstrap)".into());
         };
         let id = crate::log::LogIdentity::continuing(pos.db_id, pos.generation, pos.frame_no, pos.checksum);
         if id.base_generation > crate::log::MAX_GENERATION {
-            return undo(g, &mut c, format!("its generation {} is at the last term a log can record", pos.generation));
+            return undo(g, format!("its generation {} is at the last term a log can record", pos.generation));
         }
         // Created beside, then renamed: a crash leaves either no log or a whole one.
         let tmp = PathBuf::from(format!("{}.promoting", self.log_path.display()));
@@ -703,12 +723,15 @@ impl DbState {
             .and_then(|_| std::fs::rename(&tmp, &self.log_path).map_err(|e| e.to_string()))
         {
             let _ = std::fs::remove_file(&tmp);
-            return undo(g, &mut c, format!("cannot create {}: {e}", self.log_path.display()));
+            return undo(g, format!("cannot create {}: {e}", self.log_path.display()));
         }
         let promoted = Conf { role: Role::Primary, db_id: Some(pos.db_id), endpoint: None, relay: None, rebootstrap: false, promoting: false };
-        if let Err(e) = promoted.save(&self.conf_path) {
+        if let Err(e) = Conf::update(&self.conf_path, |c| {
+            *c = promoted.clone();
+            Ok(())
+        }) {
             let _ = std::fs::remove_file(&self.log_path);
-            return undo(g, &mut c, format!("cannot write {}: {e}", self.conf_path.display()));
+            return undo(g, e);
         }
         let _ = std::fs::remove_file(crate::replica::position_path(&self.db_path));
         self.replica_role.store(false, Ordering::Release);
@@ -782,9 +805,10 @@ impl DbState {
                 // the new log gets a new identity (frame_no restarts at 1, and
                 // nothing may mistake it for the old history).
                 let fresh = conf::random_id().map_err(|e| format!("cannot make a database id: {e}"))?;
-                Conf { role: Role::Primary, db_id: Some(fresh), endpoint: c.endpoint.clone(), ..Default::default() }
-                    .save(&self.conf_path)
-                    .map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+                Conf::update(&self.conf_path, |now| {
+                    *now = Conf { role: Role::Primary, db_id: Some(fresh), endpoint: now.endpoint.clone(), ..Default::default() };
+                    Ok(())
+                })?;
                 report(&format!("{}: the replication log is missing; starting a new log with a new db_id", self.db_path));
                 fresh
             };
@@ -1236,15 +1260,16 @@ impl DbState {
             }
         };
         let g = self.lock();
-        let mut c = Conf::load(&self.conf_path)?;
-        if relay.is_some() && relay == c.endpoint {
-            return Err(format!(
-                "walcast_relay '{}' is this database's walcast_endpoint: a replica relays at an address of its own",
-                relay.unwrap_or_default()
-            ));
-        }
-        c.relay = relay.clone();
-        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        Conf::update(&self.conf_path, |c| {
+            if relay.is_some() && relay == c.endpoint {
+                return Err(format!(
+                    "walcast_relay '{}' is this database's walcast_endpoint: a replica relays at an address of its own",
+                    relay.clone().unwrap_or_default()
+                ));
+            }
+            c.relay = relay.clone();
+            Ok(())
+        })?;
         if let Some(r) = &g.replica {
             let ep = r.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone();
             r.shared.set_endpoint(ep);
@@ -1258,16 +1283,17 @@ impl DbState {
     /// so that whichever process applies carries it out; cleared once done.
     fn request_rebootstrap(&self) -> Result<(), String> {
         self.follow_role_of_other_processes();
-        let mut c = Conf::load(&self.conf_path)?;
-        if c.role != Role::Replica {
-            return Err(format!(
-                "{} is not a walcast replica (walcast_role is '{}'): only a replica can rebootstrap",
-                self.db_path,
-                c.role.as_str()
-            ));
-        }
-        c.rebootstrap = true;
-        c.save(&self.conf_path).map_err(|e| format!("cannot write {}: {e}", self.conf_path.display()))?;
+        Conf::update(&self.conf_path, |c| {
+            if c.role != Role::Replica {
+                return Err(format!(
+                    "{} is not a walcast replica (walcast_role is '{}'): only a replica can rebootstrap",
+                    self.db_path,
+                    c.role.as_str()
+                ));
+            }
+            c.rebootstrap = true;
+            Ok(())
+        })?;
         if let Some(r) = self.lock().replica.as_ref() {
             r.shared.poke();
         }

@@ -1049,14 +1049,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         self.force_bootstrap = false;
         // Record whom the replica follows, and that the request is done, before
         // the position says the bootstrap is complete.
-        if let Some(mut c) = load_conf(self.db()) {
-            if c.db_id != Some(snap.db_id) || c.rebootstrap {
-                c.db_id = Some(snap.db_id);
-                c.rebootstrap = false;
-                if let Err(e) = c.save(&conf_path(self.db())) {
-                    crate::primary::report(&format!("{}: cannot record the followed db_id: {e}", self.db()));
-                }
-            }
+        let recorded = crate::conf::Conf::update(&conf_path(self.db()), |c| {
+            c.db_id = Some(snap.db_id);
+            c.rebootstrap = false;
+            Ok(())
+        });
+        if let Err(e) = recorded {
+            crate::primary::report(&format!("{}: cannot record the followed db_id: {e}", self.db()));
         }
         self.applied(Position {
             db_id: snap.db_id,

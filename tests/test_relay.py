@@ -130,6 +130,48 @@ def test_relays_chain(cluster, tmp_path, port):
     cluster.identical(primary, hops[-1])
 
 
+SET_AND_CHECK = """
+import sys, wc
+db, pragma, values = sys.argv[1], sys.argv[2], sys.argv[3].split()
+c = wc.connect(db)
+last = None
+for i in range(40):
+    now = c.execute(f"PRAGMA {pragma}").fetchone()[0]
+    assert last is None or now == last, f"{pragma} set to {last} reads {now}: another process's update undid it"
+    last = values[i % len(values)]
+    assert c.execute(f"PRAGMA {pragma} = '{last}'").fetchone()[0] == last
+"""
+
+
+def test_pragmas_in_two_processes_at_once_lose_no_setting(tmp_path, port):
+    """Each change of the conf loads it, changes one setting and saves it. Two
+    processes doing so at once must not undo each other's change (they did
+    before changes were made under the conf's lock): one sets walcast_relay,
+    the other walcast_endpoint, 40 times each, and each checks before every
+    change that its last value still reads back."""
+    import threading
+    replica = os.path.join(str(tmp_path), "replica.db")
+    wc.shell(f"PRAGMA walcast_endpoint = '{tcp(port)}'; PRAGMA walcast_role = 'replica';", db=replica)
+    relays = f"tcp://127.0.0.1:{port + 1} tcp://127.0.0.2:{port + 1}"
+    endpoints = " ".join(f"tcp://127.0.0.3:{port + i}" for i in range(3))
+    failures = []
+
+    def run(pragma, values):
+        try:
+            wc.py(SET_AND_CHECK, replica, pragma, values, timeout=120)
+        except AssertionError as e:
+            failures.append(str(e))
+
+    threads = [threading.Thread(target=run, args=a) for a in (("walcast_relay", relays), ("walcast_endpoint", endpoints))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+    assert wc.shell("PRAGMA walcast_relay; PRAGMA walcast_endpoint;", db=replica).stdout.split() == [
+        relays.split()[39 % 2], endpoints.split()[39 % 3]]
+
+
 def test_switching_the_relay_on_and_off_never_stalls_apply(cluster, tmp_path, port):
     """Each change restarts the applier's session, closing the relay's sockets
     while its threads may still be starting (this once hung the applier for
