@@ -682,9 +682,10 @@ pub enum WalChange<'a> {
 
 /// Before SQLite destroys WAL content: capture everything committed in the WAL,
 /// record what is about to happen, and make the log durable, all before the
-/// change. If the process dies before or after the change, the recorded intent
-/// and the WAL file on disk together say where the log stands. Runs on SQLite's
-/// thread, which excludes other writers.
+/// change (for a restart, when the log already is, only the record of it
+/// waits: the caller has it synced soon after). If the process dies before or
+/// after the change, the recorded intent and the WAL file on disk together say
+/// where the log stands. Runs on SQLite's thread, which excludes other writers.
 pub fn before_wal_change(
     log: &mut LogWriter,
     paths: &Paths,
@@ -704,6 +705,12 @@ pub fn before_wal_change(
         _ => paths,
     };
     let r = catch_up(log, paths, Imaging::WritersExcluded(db), claims)?;
+    // A restart destroys only what the log already holds durably when the
+    // capture thread synced it during the checkpoint before (see
+    // `DbState::checkpoint_started`): then SQLite's thread does not wait for a
+    // sync here, and the record of the switch is synced by the capture thread
+    // right after. A truncation or deletion ends the WAL: always synced here.
+    let durable_before = matches!(change, WalChange::Restart(_)) && log.is_durable();
     let new_wal = match change {
         WalChange::Restart(header) => {
             crate::wal::WalHeader::parse(header).map(|h| WalPos { salt1: h.salt1, salt2: h.salt2, frame: 0, cksum: h.cksum })
@@ -716,7 +723,9 @@ pub fn before_wal_change(
         (WalCursor::InWal(from), WalChange::End, _) => log.wal_event(WalEvent::Ending(from, DbStat::of(paths.db)?))?,
         _ => {}
     }
-    log.sync()?;
+    if !durable_before {
+        log.sync()?;
+    }
     Ok(r)
 }
 
@@ -1220,6 +1229,52 @@ mod tests {
         assert_eq!(log.state.generation, 1);
         let pages = replay(&logp);
         assert_eq!((pages[&1][0], pages[&2][0]), (0xE1, 0xA2));
+    }
+
+    /// SQLite's thread syncs the log before a restart only when the capture
+    /// thread has not already (it syncs when a checkpoint starts): then only
+    /// the record of the restart is unsynced, and a power loss that takes it
+    /// costs a new generation, never a wrong log.
+    #[test]
+    fn a_restart_syncs_the_log_only_when_it_is_not_durable_already() {
+        let (db, wal, logp, mut b, mut log, f) = two_page_primary("restart-sync");
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let checkpointed = |p1: u8, p2: u8| std::fs::write(&db, [vec![p1; 512], vec![p2; 512]].concat()).unwrap();
+        // A commit the log does not hold yet: the hook captures it, and syncs.
+        b.frame(2, 2, 0xA2);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        checkpointed(0xA1, 0xA2);
+        let mut b2 = WalBuilder::new(512, 6, 77);
+        let r = before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b2.bytes[0..32])).unwrap();
+        assert_eq!(r.transactions, 1);
+        assert!(log.is_durable(), "the hook synced what it captured, and the record of the restart");
+        after_wal_started(&mut log, None, &b2.bytes[0..32]).unwrap();
+        b2.frame(1, 2, 0xE1);
+        std::fs::write(&wal, &b2.bytes).unwrap();
+        // The capture thread captures that commit and syncs (the checkpoint started).
+        assert_eq!(catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap().transactions, 1);
+        log.sync().unwrap();
+        let durable_len = std::fs::metadata(&logp).unwrap().len();
+        // Checkpointed, with a valid header this time: a base image reads it.
+        make_db(&db, 2);
+        let mut b3 = WalBuilder::new(512, 7, 88);
+        let r = before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b3.bytes[0..32])).unwrap();
+        assert_eq!(r.transactions, 0);
+        assert!(!log.is_durable(), "only the record of the restart is unsynced; no sync on SQLite's thread");
+        after_wal_started(&mut log, None, &b3.bytes[0..32]).unwrap();
+        b3.frame(2, 2, 0xE3);
+        std::fs::write(&wal, &b3.bytes).unwrap();
+        // A power loss before the capture thread synced it: the log is back at
+        // its durable point, and the WAL it names is gone. A new generation
+        // starts from the database as it is, with the new WAL's commit.
+        drop(log);
+        std::fs::OpenOptions::new().write(true).open(&logp).unwrap().set_len(durable_len).unwrap();
+        let (mut log, _) = LogWriter::open(&logp, true).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        assert!(r.new_generation.unwrap().contains("without walcast"));
+        assert_eq!(log.state.generation, 2);
+        let pages = replay(&logp);
+        assert_eq!((&pages[&1][0..16], pages[&2][0]), (&b"SQLite format 3\0"[..], 0xE3));
     }
 
     #[test]

@@ -1276,9 +1276,6 @@ impl LogWriter {
         self.writeback_end = end;
     }
 
-    /// Makes everything appended so far durable, then records this point in the
-    /// older header slot (that slot write becomes durable at the next sync; until
-    /// then the other slot still names a durable point).
     /// Whether the last `sync` failed in fsync itself: then what was written
     /// before it may be lost, and only a sync that succeeds ends the failure.
     /// A failed write before the fsync is an ordinary write failure.
@@ -1286,6 +1283,16 @@ impl LogWriter {
         self.sync_data_failed
     }
 
+    /// Whether everything appended so far is known to be durable: synced by
+    /// this writer, or by any writer before this one opened the log. Appends
+    /// another process made since are not known to be.
+    pub fn is_durable(&self) -> bool {
+        self.durable_end >= self.state.end_offset
+    }
+
+    /// Makes everything appended so far durable, then records this point in the
+    /// older header slot (that slot write becomes durable at the next sync; until
+    /// then the other slot still names a durable point).
     pub fn sync(&mut self) -> LogResult<()> {
         self.flush()?;
         self.sync_data_failed = true;

@@ -154,6 +154,9 @@ pub struct DbState {
     replica_role: AtomicBool,
     loaded: AtomicBool,
     wake: crate::signal::Signal,
+    /// The capture thread's next pass syncs the log, without waiting for more
+    /// commits: a checkpoint started, or a WAL restart left its record unsynced.
+    sync_requested: AtomicBool,
     thread_started: AtomicBool,
     /// Main-database handles this process has open on this database.
     open_handles: AtomicUsize,
@@ -235,6 +238,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 refusing_writes: AtomicBool::new(false),
                 loaded: AtomicBool::new(false),
                 wake: Default::default(),
+                sync_requested: AtomicBool::new(false),
                 thread_started: AtomicBool::new(false),
                 open_handles: AtomicUsize::new(0),
                 claims: OnceLock::new(),
@@ -884,8 +888,10 @@ impl DbState {
             // publisher sends (and replicas apply) fewer, larger messages.
             // The window grows with the stream (see `coalesce_window`). An
             // isolated commit is copied at once.
+            // A sync asked for is wanted before the checkpoint that asked ends.
+            let sync = self.sync_requested.swap(false, Ordering::AcqRel);
             let since = last_run.elapsed();
-            if since < window {
+            if since < window && !sync {
                 std::thread::sleep(window - since);
             }
             let interval = last_run.elapsed();
@@ -894,7 +900,7 @@ impl DbState {
             // try again at the next wake-up rather than spin.
             for attempt in 0..50 {
                 let mut g = self.lock();
-                match self.catch_up_locked(&mut g, false) {
+                match self.catch_up_locked(&mut g, false, sync) {
                     Err(CaptureError::Busy) => {
                         drop(g);
                         std::thread::sleep(Duration::from_millis(1 + attempt / 5));
@@ -918,7 +924,8 @@ impl DbState {
 
     /// One catch-up attempt with the state lock held. Records the outcome.
     /// `wake_publisher`: false when the caller sends what was captured itself.
-    fn catch_up_locked(&self, g: &mut Inner, wake_publisher: bool) -> Result<CatchUp, CaptureError> {
+    /// `sync`: then make the log durable too.
+    fn catch_up_locked(&self, g: &mut Inner, wake_publisher: bool, sync: bool) -> Result<CatchUp, CaptureError> {
         if g.fatal.is_some() || g.role != Role::Primary {
             return Ok(CatchUp::default());
         }
@@ -943,6 +950,10 @@ impl DbState {
             let mut unlock = || db.unlock_writer();
             let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
             let r = capture::catch_up(log, &paths, imaging, self.claims.get());
+            let r = match r {
+                Ok(c) if sync && !log.is_durable() => log.sync().map(|_| c).map_err(CaptureError::Log),
+                r => r,
+            };
             log.start_writeback();
             // Holding a wal-index mapping between passes would keep this
             // process's -shm open after the application closed the database.
@@ -950,7 +961,7 @@ impl DbState {
             db.release_shm();
             r
         })();
-        self.record(g, r, false, wake_publisher)
+        self.record(g, r, sync, wake_publisher)
     }
 
     /// `syncs`: the operation syncs the log (before and after a WAL change), so
@@ -1023,7 +1034,7 @@ impl DbState {
         if g.role != Role::Primary {
             return Err(Some(format!("{} is not a walcast primary (walcast_role is '{}')", self.db_path, g.role.as_str())));
         }
-        match self.catch_up_locked(g, true) {
+        match self.catch_up_locked(g, true, false) {
             Ok(_) => Ok(()),
             Err(CaptureError::Busy) => Err(None),
             Err(e) => Err(Some(e.to_string())),
@@ -1433,6 +1444,7 @@ impl DbState {
                 return ffi::SQLITE_IOERR_LOCK;
             }
         };
+        let restart = matches!(change, capture::WalChange::Restart(_));
         let pre = PrivateDb::open(&self.db_path)
             .map_err(CaptureError::Io)
             .and_then(|db| capture::before_wal_change(log, &paths, &db, claims, change));
@@ -1446,6 +1458,12 @@ impl DbState {
         if rc == ffi::SQLITE_OK {
             if let Some(log) = g.log.as_mut() {
                 let post = after(log, claims, &paths);
+                // A restart's records, left unsynced (see `before_wal_change`),
+                // are synced by the capture thread's next pass: it comes when
+                // this transaction releases the write lock.
+                if restart && !log.is_durable() {
+                    self.sync_requested.store(true, Ordering::Release);
+                }
                 let _ = self.record(&mut g, post.map(|_| CatchUp::default()), true, true);
             }
         }
@@ -1563,6 +1581,18 @@ impl DbState {
     }
 
     /// After the WAL write lock is released: wake the capture thread. Never blocks.
+    /// A connection of this process took the checkpoint lock. A checkpoint that
+    /// copies the whole WAL lets the next writer restart it, and the log must
+    /// be durable before that: the capture thread syncs it now, while the
+    /// checkpoint does its own I/O, so that the restart on SQLite's thread
+    /// finds nothing left to sync.
+    pub fn checkpoint_started(&self) {
+        if self.is_capturing() {
+            self.sync_requested.store(true, Ordering::Release);
+            self.wake.raise();
+        }
+    }
+
     pub fn after_write_lock_released(&self) {
         // The mark belongs to the write lock just released.
         if let Ok(mut m) = self.write_start.try_lock() {

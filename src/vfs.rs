@@ -638,6 +638,12 @@ unsafe extern "C" fn f_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int
                 state.write_lock_acquired(wal_index_header(state.wal_index_addr()));
             }
         }
+        // The checkpoint lock (WAL_CKPT_LOCK, taken alone): a checkpoint starts.
+        if rc == ffi::SQLITE_OK && ofst == 1 && n == 1 && flags == (ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE) {
+            if let Some(state) = w.state() {
+                state.checkpoint_started();
+            }
+        }
         // Releasing the WAL write lock ends a write transaction (or a recovery, or
         // a checkpoint that restarted the WAL): wake the capture thread. O(1).
         if rc == ffi::SQLITE_OK && ofst == 0 && flags == (ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE) {
