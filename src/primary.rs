@@ -883,13 +883,14 @@ impl DbState {
             }
             // Taken again after a connection's EXCLUSIVE lock (see exclusive_db_lock).
             self.pin_db();
+            // A sync asked for is wanted before the checkpoint that asked for
+            // it ends: this pass does not wait for more commits.
+            let sync = self.sync_requested.swap(false, Ordering::AcqRel);
             // Under a stream of commits, copy several per pass: the fixed cost
             // of a pass (locks, opening the WAL) is then shared, and the
             // publisher sends (and replicas apply) fewer, larger messages.
             // The window grows with the stream (see `coalesce_window`). An
             // isolated commit is copied at once.
-            // A sync asked for is wanted before the checkpoint that asked ends.
-            let sync = self.sync_requested.swap(false, Ordering::AcqRel);
             let since = last_run.elapsed();
             if since < window && !sync {
                 std::thread::sleep(window - since);
@@ -900,7 +901,7 @@ impl DbState {
             // try again at the next wake-up rather than spin.
             for attempt in 0..50 {
                 let mut g = self.lock();
-                match self.catch_up_locked(&mut g, false, sync) {
+                match self.catch_up_locked(&mut g, false) {
                     Err(CaptureError::Busy) => {
                         drop(g);
                         std::thread::sleep(Duration::from_millis(1 + attempt / 5));
@@ -913,6 +914,11 @@ impl DbState {
                         if let (Ok(_), Some(s)) = (&r, sender) {
                             s.send_new_units();
                         }
+                        // After the send: what this pass captured reaches the
+                        // replicas without waiting for the disk.
+                        if sync && r.is_ok() {
+                            self.sync_log();
+                        }
                         rate.update(r.map_or(0, |c| c.transactions), interval);
                         window = coalesce_window(&rate);
                         break;
@@ -924,8 +930,7 @@ impl DbState {
 
     /// One catch-up attempt with the state lock held. Records the outcome.
     /// `wake_publisher`: false when the caller sends what was captured itself.
-    /// `sync`: then make the log durable too.
-    fn catch_up_locked(&self, g: &mut Inner, wake_publisher: bool, sync: bool) -> Result<CatchUp, CaptureError> {
+    fn catch_up_locked(&self, g: &mut Inner, wake_publisher: bool) -> Result<CatchUp, CaptureError> {
         if g.fatal.is_some() || g.role != Role::Primary {
             return Ok(CatchUp::default());
         }
@@ -950,10 +955,6 @@ impl DbState {
             let mut unlock = || db.unlock_writer();
             let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
             let r = capture::catch_up(log, &paths, imaging, self.claims.get());
-            let r = match r {
-                Ok(c) if sync && !log.is_durable() => log.sync().map(|_| c).map_err(CaptureError::Log),
-                r => r,
-            };
             log.start_writeback();
             // Holding a wal-index mapping between passes would keep this
             // process's -shm open after the application closed the database.
@@ -961,7 +962,22 @@ impl DbState {
             db.release_shm();
             r
         })();
-        self.record(g, r, sync, wake_publisher)
+        self.record(g, r, false, wake_publisher)
+    }
+
+    /// Makes the log durable, when the capture thread was asked to (see
+    /// `sync_requested`). Records the outcome like a catch-up that syncs.
+    fn sync_log(&self) {
+        let mut g = self.lock();
+        if g.fatal.is_some() || g.role != Role::Primary {
+            return;
+        }
+        let Some(log) = g.log.as_mut() else { return };
+        let r = log.lock().map_err(CaptureError::Io).and_then(|_locked| match log.is_durable() {
+            true => Ok(CatchUp::default()),
+            false => log.sync().map(|_| CatchUp::default()).map_err(CaptureError::Log),
+        });
+        let _ = self.record(&mut g, r, true, false);
     }
 
     /// `syncs`: the operation syncs the log (before and after a WAL change), so
@@ -1034,7 +1050,7 @@ impl DbState {
         if g.role != Role::Primary {
             return Err(Some(format!("{} is not a walcast primary (walcast_role is '{}')", self.db_path, g.role.as_str())));
         }
-        match self.catch_up_locked(g, true, false) {
+        match self.catch_up_locked(g, true) {
             Ok(_) => Ok(()),
             Err(CaptureError::Busy) => Err(None),
             Err(e) => Err(Some(e.to_string())),
