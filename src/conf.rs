@@ -21,7 +21,6 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 
-
 /// `<path>.tmp-<pid>-<n>`: where a file beside the database is written before
 /// it is renamed over `path`. Named after the whole name: `with_extension`
 /// would cut it at the first dot, so that `app.db-...` and `app.sqlite-...`
@@ -311,7 +310,8 @@ mod tests {
         let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]), endpoint: Some("tcp://h:1".into()), ..Default::default() };
         c.save(&p).unwrap();
         assert_eq!(Conf::load(&p).unwrap(), c);
-        let r = Conf { role: Role::Replica, relay: Some("tcp://0.0.0.0:2".into()), rebootstrap: true, promoting: true, ..Default::default() };
+        let r =
+            Conf { role: Role::Replica, relay: Some("tcp://0.0.0.0:2".into()), rebootstrap: true, promoting: true, ..Default::default() };
         r.save(&p).unwrap();
         assert_eq!(Conf::load(&p).unwrap(), r);
         assert_eq!(Conf::load(&d.join("missing")).unwrap(), Conf::default());

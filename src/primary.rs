@@ -729,7 +729,8 @@ impl DbState {
             let _ = std::fs::remove_file(&tmp);
             return undo(g, format!("cannot create {}: {e}", self.log_path.display()));
         }
-        let promoted = Conf { role: Role::Primary, db_id: Some(pos.db_id), endpoint: None, relay: None, rebootstrap: false, promoting: false };
+        let promoted =
+            Conf { role: Role::Primary, db_id: Some(pos.db_id), endpoint: None, relay: None, rebootstrap: false, promoting: false };
         if let Err(e) = Conf::update(&self.conf_path, |c| {
             *c = promoted.clone();
             Ok(())
@@ -1088,22 +1089,22 @@ impl DbState {
         // could clear the error this attempt recorded, and the status would
         // show an error with state `capturing`.
         let mut g = self.lock();
-        let pending = if self.is_capturing() {
-            self.catch_up_once(&mut g)
-                .err()
-                .map(|e| e.unwrap_or_else(|| IMAGE_WAITING.into()))
-        } else {
-            None
-        };
+        let pending =
+            if self.is_capturing() { self.catch_up_once(&mut g).err().map(|e| e.unwrap_or_else(|| IMAGE_WAITING.into())) } else { None };
         let conf = Conf::load(&self.conf_path).ok();
         let now = crate::log::now_ms();
         // Another process's capture failure that goes on: its commits are not
         // being logged, whatever this process manages.
         let failure = if g.role == Role::Primary { capture_failure::read(&self.failure_path) } else { None };
-        let elsewhere = failure
-            .as_ref()
-            .filter(|f| f.pid != std::process::id() && f.ongoing(now))
-            .map(|f| format!("capture is failing in process {} ({} failures since {} ms ago): {}", f.pid, f.failures, now.saturating_sub(f.first_ms), f.message));
+        let elsewhere = failure.as_ref().filter(|f| f.pid != std::process::id() && f.ongoing(now)).map(|f| {
+            format!(
+                "capture is failing in process {} ({} failures since {} ms ago): {}",
+                f.pid,
+                f.failures,
+                now.saturating_sub(f.first_ms),
+                f.message
+            )
+        });
         let mut v = serde_json::json!({
             "role": g.role.as_str(),
             "database": self.db_path,

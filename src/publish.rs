@@ -11,9 +11,9 @@
 //! exits, another takes over.
 
 use crate::logtail::{LogTail, Pos, Unit};
+use crate::signal::Signal;
 use crate::transport::{Endpoint, PrimarySockets};
 use crate::wire::{self, Body, FramesBuilder, PagesBuilder};
-use crate::signal::Signal;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
@@ -168,9 +168,8 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
         .spawn(move || {
             crate::primary::yield_to_application();
             while !s2.load(Ordering::Acquire) {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    publisher_thread(&log_path, &lock_path, &ep2, &s2, &sender2)
-                }));
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher_thread(&log_path, &lock_path, &ep2, &s2, &sender2)));
                 if r.is_err() {
                     crate::primary::report(&format!("{name}: internal error in the publisher; restarting it"));
                     std::thread::sleep(Duration::from_millis(200));
@@ -444,7 +443,9 @@ impl Batch {
         let flags = if s.gen_start { wire::FLAG_GENERATION_START } else { 0 };
         // The span's records hold its frames, and a little more.
         let expected = (s.end.saturating_sub(s.from) as usize).min(wire::LIVE_CHUNK_BYTES + 64);
-        let live = |flags| FramesBuilder::new(tail.db_id, s.generation, flags, s.last_frame_no, s.page_size, expected).with_limit(wire::LIVE_CHUNK_BYTES);
+        let live = |flags| {
+            FramesBuilder::new(tail.db_id, s.generation, flags, s.last_frame_no, s.page_size, expected).with_limit(wire::LIVE_CHUNK_BYTES)
+        };
         let mut fb = live(flags);
         tail.frames_just_found(s.from, s.end, s.page_size, |h, page| {
             if fb.full() {
@@ -806,7 +807,14 @@ fn answer(
                 return need(format!("the replica's history differs from the primary's at frame_no {n}"));
             }
             let flags = if u.gen_start && n + 1 == u.first_frame_no { wire::FLAG_GENERATION_START } else { 0 };
-            let mut fb = FramesBuilder::new(db_id, u.generation, flags, last.last_frame_no, u.page_size, last.offset.saturating_sub(u.frame_offset(n + 1)) as usize);
+            let mut fb = FramesBuilder::new(
+                db_id,
+                u.generation,
+                flags,
+                last.last_frame_no,
+                u.page_size,
+                last.offset.saturating_sub(u.frame_offset(n + 1)) as usize,
+            );
             // Frames from n + 1 on, across the units that follow, up to the end
             // of what is committed or the next generation.
             t.frames_in_range(u.frame_offset(n + 1), last.offset, u.page_size, |fh, page| {

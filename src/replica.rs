@@ -168,7 +168,10 @@ impl Shared {
         if !st.applier {
             // Another process applies: report what it last wrote.
             let (mut v, age) = crate::status::read(&status_path(&self.db_path)).unwrap_or_else(|| {
-                (serde_json::json!({"role": "replica", "state": "disconnected", "last_error": "no process applies to this replica now"}), None)
+                (
+                    serde_json::json!({"role": "replica", "state": "disconnected", "last_error": "no process applies to this replica now"}),
+                    None,
+                )
             });
             if let Some((p, _)) = load_position(&position_path(&self.db_path)) {
                 v["applied_frame_no"] = p.frame_no.into();

@@ -843,7 +843,11 @@ mod tests {
                 let closer = socks.closer();
                 let opener = {
                     let socks = socks.clone();
-                    std::thread::spawn(move || while let Ok(r) = socks.requests::<u32>(4) { drop(r) })
+                    std::thread::spawn(move || {
+                        while let Ok(r) = socks.requests::<u32>(4) {
+                            drop(r)
+                        }
+                    })
                 };
                 for _ in 0..round % 17 {
                     std::thread::yield_now();

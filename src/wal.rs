@@ -289,7 +289,13 @@ impl WalFile {
     /// Appends the page number of each frame to `page_nos` while the
     /// transaction is at most `collect_up_to` frames; a longer one leaves
     /// `page_nos` as it found it (its caller streams it instead).
-    pub fn next_indexed_commit(&self, from: &WalPos, committed: u32, page_nos: &mut Vec<u32>, collect_up_to: u32) -> io::Result<Option<WalCommit>> {
+    pub fn next_indexed_commit(
+        &self,
+        from: &WalPos,
+        committed: u32,
+        page_nos: &mut Vec<u32>,
+        collect_up_to: u32,
+    ) -> io::Result<Option<WalCommit>> {
         let start = page_nos.len();
         let last = committed.min(self.frames_in_file());
         let mut b = [0u8; WAL_FRAME_HEADER_LEN];
