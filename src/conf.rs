@@ -29,12 +29,50 @@ use std::path::Path;
 /// recording its primary's db_id while a pragma sets its relay) shared
 /// `<path>.tmp`, and the second rename found nothing to rename (ENOENT), so
 /// the pragma failed.
+///
+/// A writer killed between writing its temporary file and renaming it leaves
+/// the file behind, under a name nobody writes again. The first time a
+/// process names one for `path`, it removes those left behind (see
+/// `remove_stale_temps`).
 pub fn temp_beside(path: &Path) -> std::path::PathBuf {
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static SWEPT: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if !swept.iter().any(|p| p == path) {
+            swept.push(path.to_path_buf());
+            remove_stale_temps(path, STALE_TEMP);
+        }
+    }
     let mut t = path.as_os_str().to_owned();
     t.push(format!(".tmp-{}-{n}", std::process::id()));
     t.into()
+}
+
+/// A temporary file this old is left over: a write holds one for the time of
+/// a write, an fsync and a rename.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes `<path>.tmp-*` files last modified more than `age` ago. By age, not
+/// by whether the process named in them is alive: a process in another PID
+/// namespace, sharing the directory, has a pid that means nothing here.
+fn remove_stale_temps(path: &Path, age: std::time::Duration) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mut prefix = name.to_owned();
+    prefix.push(".tmp-");
+    let prefix = prefix.as_encoded_bytes();
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if !e.file_name().as_encoded_bytes().starts_with(prefix) {
+            continue;
+        }
+        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a > age));
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +265,31 @@ mod tests {
         assert!(a.to_str().unwrap().starts_with("/d/app.db-walcast-conf.tmp-"), "{a:?}");
         assert!(b.to_str().unwrap().starts_with("/d/app.sqlite-walcast-conf.tmp-"), "{b:?}");
         assert_ne!(temp_beside(Path::new("/d/x")), temp_beside(Path::new("/d/x")));
+    }
+
+    #[test]
+    fn temporary_files_left_by_killed_writers_are_removed() {
+        let d = std::env::temp_dir().join(format!("walcast-conf-stale-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        let p = d.join("app.db-walcast-status");
+        let make = |name: &str, age_s: u64| {
+            let f = File::create(d.join(name)).unwrap();
+            f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age_s)).unwrap();
+        };
+        make("app.db-walcast-status.tmp-123-4", 120);
+        make("app.db-walcast-status.tmp-567-8", 0); // a write under way
+        make("app.db-walcast-statusx.tmp-1-1", 120); // another file's
+        make("app.db-walcast-status", 120);
+        let t = temp_beside(&p);
+        assert!(!d.join("app.db-walcast-status.tmp-123-4").exists());
+        for kept in ["app.db-walcast-status.tmp-567-8", "app.db-walcast-statusx.tmp-1-1", "app.db-walcast-status"] {
+            assert!(d.join(kept).exists(), "{kept}");
+        }
+        // Once per path and process: a later one left behind stays until the next process.
+        make("app.db-walcast-status.tmp-9-9", 120);
+        assert_ne!(temp_beside(&p), t);
+        assert!(d.join("app.db-walcast-status.tmp-9-9").exists());
+        fs::remove_dir_all(&d).unwrap();
     }
 
     /// Found by running tests/test_relay.py 3 at a time: with one shared
