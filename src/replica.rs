@@ -317,28 +317,39 @@ pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() ->
     // `primary::yield_to_application`).
     crate::primary::yield_to_application();
     let lock_path = format!("{}-walcast-applier", shared.db_path);
+    // The applier lock, held from one session to the next: a session restarts
+    // when the endpoint, relay or key changes, and a process that opened the
+    // replica for a moment (a shell) must not take over in between. Released
+    // only when this process may no longer apply.
+    let mut held: Option<File> = None;
     while !shared.stop.load(Ordering::Acquire) {
         if !is_open() {
+            held = None;
+            shared.status().applier = false;
             let _ = shared.wake.1.recv_timeout(Duration::from_millis(500));
             continue;
         }
         if !may_apply(&shared.db_path) {
+            held = None;
             shared.status().applier = false;
             let _ = shared.wake.1.recv_timeout(TAKEOVER_POLL);
             continue;
         }
-        let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
-            Ok(f) => f,
-            Err(e) => {
-                set_error(&shared, "error", format!("cannot open {lock_path}: {e}"));
-                let _ = shared.wake.1.recv_timeout(Duration::from_secs(1));
+        if held.is_none() {
+            let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
+                Ok(f) => f,
+                Err(e) => {
+                    set_error(&shared, "error", format!("cannot open {lock_path}: {e}"));
+                    let _ = shared.wake.1.recv_timeout(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            if lock.try_lock().is_err() {
+                shared.status().applier = false;
+                let _ = shared.wake.1.recv_timeout(TAKEOVER_POLL);
                 continue;
             }
-        };
-        if lock.try_lock().is_err() {
-            shared.status().applier = false;
-            let _ = shared.wake.1.recv_timeout(TAKEOVER_POLL);
-            continue;
+            held = Some(lock);
         }
         shared.status().applier = true;
         let seq = shared.config_seq.load(Ordering::Acquire);
@@ -364,9 +375,8 @@ pub fn run<F: ReplicaFiles>(shared: Arc<Shared>, files: F, is_open: impl Fn() ->
             set_error(&shared, "error", "internal error in the replica thread; restarting it".into());
             std::thread::sleep(Duration::from_millis(200));
         }
-        shared.status().applier = false;
-        drop(lock);
     }
+    shared.status().applier = false;
 }
 
 /// The state a failed catch-up attempt leaves, from its error.

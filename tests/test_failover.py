@@ -14,7 +14,7 @@ import os
 import time
 
 import wc
-from test_replica import T_SCHEMA, cluster, commit_many, summary, tcp  # noqa: F401 (fixture)
+from test_replica import T_SCHEMA, applying, cluster, commit_many, summary, tcp  # noqa: F401 (fixture)
 
 
 def rows(node, sql):
@@ -123,6 +123,7 @@ def test_promotion_from_another_process_stops_the_applier(cluster, tmp_path):
     cluster.primary(p_db, port)
     commit_many(p_db, 20)
     applier = cluster.replica(r_db, port, name="applier")
+    applying(applier)
     cluster.converge(p_db, r_db)
     assert applier.status()["applier_in_this_process"] is True
     out = wc.shell("PRAGMA walcast_role = 'primary'; SELECT walcast_frame_no();", db=r_db).stdout.split()

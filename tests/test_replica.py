@@ -164,6 +164,13 @@ def checkpoint_replica(db):
     assert not os.path.exists(wal) or os.path.getsize(wal) == 0, "the replica's WAL was not truncated"
 
 
+def applying(node):
+    """Waits until `node` holds the replica's applier lock. Any walcast process
+    that opens a replica can apply it: until the node's thread has taken the
+    lock, a shell the test runs (walcast_wait, a status) could take it first."""
+    wc.wait_for(lambda: node.status()["applier_in_this_process"], timeout=10, what=f"{node.name} applying")
+
+
 def commit_many(db, n, stmt="INSERT INTO t(k, v) VALUES (abs(random()) % 1000, randomblob(200))", per_txn=1):
     """n transactions on the primary, from one Debian python3 process with walcast."""
     wc.py(f"""
@@ -267,6 +274,7 @@ def test_late_join_bootstraps_from_snapshot(cluster, tmp_path, port):
     commit_many(primary, 5, per_txn=10)   # and part in the WAL
 
     rn = cluster.replica(replica, port, "--role-first")  # role before endpoint this time
+    applying(rn)
     cluster.converge(primary, replica)
     assert summary(replica).startswith("2050|"), summary(replica)
     assert summary(replica) == summary(primary, load=True)
@@ -318,12 +326,54 @@ def test_replication_threads_run_below_the_application(cluster, tmp_path, port):
 
 # --- 3. replica restart ----------------------------------------------------------
 
+def test_the_applier_keeps_its_lock_when_its_session_restarts(cluster, tmp_path, port):
+    """A session restarts whenever the relay, endpoint or key changes. The
+    applier lock is held across it: another process that opened the replica
+    (a shell, polling for the lock) must not take over in the gap. A prober
+    tries the lock without waiting, in a tight loop, while the relay is
+    switched on and off 20 times (each a new session): it never gets it."""
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    cluster.primary(primary, port)
+    commit_many(primary, 5)
+    rn = cluster.replica(replica, port)
+    applying(rn)
+    cluster.converge(primary, replica)
+    prober = subprocess.Popen([wc.PYTHON, "-c", """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+got = 0
+while not os.path.exists(sys.argv[2]):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        continue
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    got += 1
+print(got)
+""", replica + "-walcast-applier", os.path.join(tmp, "stop")], stdout=subprocess.PIPE, text=True)
+    relay = f"tcp://127.0.0.1:{wc.free_port_pair()}"
+    for i in range(20):
+        value = relay if i % 2 == 0 else "off"
+        assert rn.rows(f"PRAGMA walcast_relay = '{value}'") == [[value]]
+        # The new session has started (its status names the relay, or none).
+        wc.wait_for(lambda: (wc.status(replica).get("relay") is not None) == (value != "off"), timeout=10,
+                    what=f"a session with walcast_relay {value}")
+    open(os.path.join(tmp, "stop"), "w").close()
+    out, _ = prober.communicate(timeout=30)
+    assert out.strip() == "0", f"another process got the applier lock {out.strip()} times between sessions"
+    assert rn.status()["applier_in_this_process"] is True
+    commit_many(primary, 5)
+    cluster.converge(primary, replica)
+
+
 def test_replica_kill_and_restart_resumes(cluster, tmp_path, port):
     tmp = str(tmp_path)
     primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
     cluster.primary(primary, port)
     commit_many(primary, 30, per_txn=10)
     rn = cluster.replica(replica, port)
+    applying(rn)
     cluster.converge(primary, replica)
     commit_many(primary, 20)
     cluster.converge(primary, replica)
@@ -337,6 +387,7 @@ def test_replica_kill_and_restart_resumes(cluster, tmp_path, port):
     rn2 = cluster.node(replica, name="replica2")
     assert rn2.ready.get("walcast_role") == "replica", rn2.ready
     assert rn2.ready.get("walcast_endpoint") == tcp(port), rn2.ready
+    applying(rn2)
     cluster.converge(primary, replica)
     st2 = rn2.status()
     assert st2["applier_in_this_process"] is True, st2

@@ -191,8 +191,14 @@ def main():
     def op_schema(c):
         name = f"aux{rnd.randint(0, 3)}"
         if rnd.random() < 0.5:
+            # One transaction: a second workload process may drop the table
+            # between two autocommit statements ("no such table").
+            begin(c)
             c.execute(f"CREATE TABLE IF NOT EXISTS {name}(x)")
             c.execute(f"INSERT INTO {name} VALUES (randomblob(200))")
+            n = ledger(c)
+            c.execute("COMMIT")
+            committed(n)
         else:
             c.execute(f"DROP TABLE IF EXISTS {name}")
 
