@@ -999,6 +999,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
     /// Replaces the replica's content with a snapshot of the primary, as one
     /// transaction: readers see the old database until the last page is in.
     fn bootstrap(&mut self, socks: &ReplicaSockets, ep: &Endpoint, reason: &str) -> Result<(), String> {
+        // Whether this bootstrap carries out a `walcast_rebootstrap` request: a
+        // request made while another bootstrap runs must outlive it.
+        let requested = self.force_bootstrap;
         self.abort_pending();
         self.state("bootstrapping");
         crate::primary::report(&format!("{}: bootstrapping from a snapshot: {reason}", self.db()));
@@ -1064,7 +1067,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
         // the position says the bootstrap is complete.
         let recorded = crate::conf::Conf::update(&conf_path(self.db()), |c| {
             c.db_id = Some(snap.db_id);
-            c.rebootstrap = false;
+            if requested {
+                c.rebootstrap = false;
+            }
             Ok(())
         });
         if let Err(e) = recorded {

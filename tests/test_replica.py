@@ -875,6 +875,31 @@ def test_divergent_history_rebootstraps(cluster, tmp_path, how):
     cluster.identical(target, replica)
 
 
+def test_a_rebootstrap_requested_during_a_bootstrap_is_carried_out(cluster, tmp_path, port):
+    """A replica's first bootstrap must not consume a `walcast_rebootstrap`
+    asked for while it runs (its snapshot was taken before the request): the
+    request stays recorded, and a second bootstrap carries it out."""
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    cluster.primary(primary, port)
+    # About 300 MB, so that the first bootstrap lasts long enough to ask during it.
+    commit_many(primary, 30, stmt="WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1000) "
+                                  "INSERT INTO t(k, v) SELECT x, randomblob(10000) FROM n")
+    rn = cluster.replica(replica, port)
+    st = wc.wait_for(lambda: (lambda s: s if s["state"] == "bootstrapping" else None)(rn.status()), timeout=30,
+                     what="the first bootstrap under way")
+    assert st["bootstraps"] == 0, st
+    assert "error" not in rn.sql("PRAGMA walcast_rebootstrap")
+    st = rn.status()
+    assert st["state"] == "bootstrapping" and st["bootstraps"] == 0, f"asked too late to test anything: {st}"
+    # (Without the fix the first bootstrap cleared the request: bootstraps stayed 1.)
+    wc.wait_for(lambda: rn.status()["bootstraps"] >= 2, timeout=60, what="a second bootstrap, for the request")
+    st = rn.status()
+    assert st["rebootstrap_requested"] is False and st["bootstraps"] == 2, st
+    cluster.converge(primary, replica)
+    cluster.identical(primary, replica)
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
