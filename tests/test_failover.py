@@ -69,7 +69,7 @@ def test_failover_procedure(cluster, tmp_path):
     applied_r2 = r2.status()["applied_frame_no"]
     assert rows(r2, f"PRAGMA walcast_endpoint = '{tcp(port_old)}'") == [[tcp(port_old)]]
     st = wc.wait_for(lambda: (s := r2.status())["state"] == "error" and "stale primary" in (s["last_error"] or "") and s,
-                     timeout=20, what=f"r2 refusing the old primary\n{cluster.diag(r2_db)}")
+                     timeout=20, what=lambda: f"r2 refusing the old primary\n{cluster.diag(r2_db)}")
     assert "term 0" in st["last_error"] and "term 1" in st["last_error"], st
     assert st["applied_frame_no"] == applied_r2 and st["term"] == 1, st
     assert summary(r2_db) == want

@@ -215,11 +215,11 @@ for i in range(20):
         if not keyed:
             # Applied: nothing but the key tells a forged frame from a real one.
             wc.wait_for(lambda: rn.status()["applied_frame_no"] == frame_no, timeout=10,
-                        what=f"the forged frame applied without a key\n{cluster.diag(r_db)}")
+                        what=lambda: f"the forged frame applied without a key\n{cluster.diag(r_db)}")
             assert wc.shell(forged_rows, load=False, db=r_db).stdout.strip() == "1"
         else:
             s2 = wc.wait_for(lambda: (s := rn.status())["rejected_messages"] > rejected and s, timeout=10,
-                             what=f"the forged frame refused\n{cluster.diag(r_db)}")
+                             what=lambda: f"the forged frame refused\n{cluster.diag(r_db)}")
             assert "unauthenticated" in (s2["last_rejection"] or ""), s2
             assert s2["applied_frame_no"] == st["applied_frame_no"], s2
             assert wc.shell(forged_rows, load=False, db=r_db).stdout.strip() == "0"
@@ -233,7 +233,7 @@ for i in range(20):
                 tap.forge_live = forged  # refused again, which sends the replica asking
             s3 = wc.wait_for(lambda: (s := rn.status())["state"] == "error"
                              and "failed authentication" in (s["last_error"] or "") and s, timeout=20,
-                             what=f"the replayed reply refused\n{cluster.diag(r_db)}")
+                             what=lambda: f"the replayed reply refused\n{cluster.diag(r_db)}")
             assert "replayed" in s3["last_error"] and s3["applied_frame_no"] == st["applied_frame_no"], s3
         # The attack ends; the replica converges on the primary's history.
         with tap.lock:

@@ -90,7 +90,7 @@ class StatusMonitor:
             assert self.error is None, f"the replica node failed: {self.error}"
             st = self.latest()
             return st if st and cond(st) else None
-        return wc.wait_for(ok, timeout=timeout, what=f"{what}; last status: {json.dumps(self.latest())}\n"
+        return wc.wait_for(ok, timeout=timeout, what=lambda: f"{what}; last status: {json.dumps(self.latest())}\n"
                                                     f"{self.node.stderr(2000)}")
 
     def stop(self):
@@ -216,7 +216,7 @@ def test_loss_and_corruption_never_apply_a_bad_frame(cluster, relays_closed, tmp
 
     try:
         wc.wait_for(fault_phase_over, timeout=SECONDS + 120,
-                    what=f"damaged messages delivered: {[relays[k].counters()['total'] for k in relays]}")
+                    what=lambda: f"damaged messages delivered: {[relays[k].counters()['total'] for k in relays]}")
         during = {k: m.latest() for k, m in monitors.items()}
     finally:
         writer.stop()
@@ -411,7 +411,7 @@ def test_faults_above_a_walcast_relay_never_reach_its_replicas(cluster, relays_c
         return c["corrupted"] + c["truncated"]
     try:
         wc.wait_for(lambda: time.monotonic() - t0 >= min(SECONDS, 8) and damage_reached_hop() >= 3
-                    and writer.batches >= 1, timeout=SECONDS + 120, what=f"damage: {faults.counters()['total']}")
+                    and writer.batches >= 1, timeout=SECONDS + 120, what=lambda: f"damage: {faults.counters()['total']}")
     finally:
         writer.stop()
         faults.clear()

@@ -35,7 +35,7 @@ def test_replicas_of_a_relay_converge_byte_identical(cluster, tmp_path, port, ke
     assert rn.rows("PRAGMA walcast_relay") == [[tcp(rport)]]
     cluster.converge(primary, relay)
     wc.wait_for(lambda: relay_status(relay).get("endpoint") == tcp(rport), timeout=10,
-                what=f"the relay listening: {wc.status(relay)}")
+                what=lambda: f"the relay listening: {wc.status(relay)}")
 
     # A new replica of the relay bootstraps through it (its snapshot comes from
     # the primary, passed on), then follows the relayed live stream.
@@ -52,7 +52,7 @@ def test_replicas_of_a_relay_converge_byte_identical(cluster, tmp_path, port, ke
     # Those came on the relayed live stream, not by catch-up.
     assert st["catch_ups"] == catch_ups, st
     # One connection at the primary: the relay's. One at the relay.
-    wc.wait_for(lambda: relay_status(relay).get("replicas") == 1, timeout=10, what=f"{wc.status(relay)}")
+    wc.wait_for(lambda: relay_status(relay).get("replicas") == 1, timeout=10, what=lambda: f"{wc.status(relay)}")
     assert pn.status()["replicas"] == 1, pn.status()
     cluster.identical(primary, below)
     cluster.identical(primary, relay)
@@ -93,14 +93,14 @@ def test_bad_relay_values_change_nothing_and_a_relay_that_cannot_listen_says_so(
     busy = f"tcp://127.0.0.1:{port + 1}"
     assert rn.rows(f"PRAGMA walcast_relay = '{busy}'") == [[busy]]
     wc.wait_for(lambda: "cannot listen" in (relay_status(replica).get("error") or ""), timeout=10,
-                what=f"the relay error in the status: {wc.status(replica)}")
+                what=lambda: f"the relay error in the status: {wc.status(replica)}")
     commit_many(primary, 5)
     cluster.converge(primary, replica)
     assert "not relaying" in rn.stderr(), rn.stderr()
 
     # 'off' stops relaying.
     assert rn.rows("PRAGMA walcast_relay = 'off'") == [["off"]]
-    wc.wait_for(lambda: wc.status(replica).get("relay") is None, timeout=10, what=f"{wc.status(replica)}")
+    wc.wait_for(lambda: wc.status(replica).get("relay") is None, timeout=10, what=lambda: f"{wc.status(replica)}")
     commit_many(primary, 5)
     cluster.converge(primary, replica)
     cluster.identical(primary, replica)

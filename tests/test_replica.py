@@ -246,19 +246,19 @@ def test_workload_converges_byte_identical(cluster, tmp_path, page_size, seed, w
     # it rewrites every few hundred ms): settles on "no lag" once idle.
     pst = wc.status(primary)
     st = wc.wait_for(lambda: (lambda s: s if s.get("lag_frames") == 0 and s.get("primary_frame_no") == n2 else None)(
-        wc.status(replicas[0])), timeout=5, what=f"lag_frames 0 in the status: {wc.status(replicas[0])}")
+        wc.status(replicas[0])), timeout=5, what=lambda: f"lag_frames 0 in the status: {wc.status(replicas[0])}")
     assert st["role"] == "replica" and st["state"] == "streaming", st
     assert st["applier_in_this_process"] is False, st
     assert st["db_id"] == pst["db_id"], (st, pst)
     assert st["applied_frame_no"] == n2, st
     # The publishing process counts both replicas and has published everything.
-    wc.wait_for(lambda: pn.status().get("replicas", 0) == 2, timeout=10, what=f"replicas == 2: {pn.status()}")
+    wc.wait_for(lambda: pn.status().get("replicas", 0) == 2, timeout=10, what=lambda: f"replicas == 2: {pn.status()}")
     wc.wait_for(lambda: pn.status().get("published_frame_no") == n2, timeout=10,
-                what=f"published_frame_no == {n2}: {pn.status()}")
+                what=lambda: f"published_frame_no == {n2}: {pn.status()}")
     # So does any other process's status, from the publisher's status file
     # (which it rewrites every 250 ms: it may lag what the publisher has done).
     other = wc.wait_for(lambda: (lambda s: s if s.get("replicas") == 2 and s.get("published_frame_no") == n2 else None)(
-        wc.status(primary)), timeout=10, what=f"replicas 2 and published_frame_no {n2} in the status file: {wc.status(primary)}")
+        wc.status(primary)), timeout=10, what=lambda: f"replicas 2 and published_frame_no {n2} in the status file: {wc.status(primary)}")
     assert other["publishing"] is False and other["publisher_pid"] == pn.pid, other
     assert other["publish_error"] is None, other
 
@@ -281,7 +281,7 @@ def test_late_join_bootstraps_from_snapshot(cluster, tmp_path, port):
     st = rn.status()
     assert st["applier_in_this_process"] is True, st
     assert st["bootstraps"] >= 1, f"a late joiner must bootstrap from a snapshot: {st}"
-    wc.wait_for(lambda: pn.status().get("replicas", 0) >= 1, timeout=10, what=f"replicas >= 1: {pn.status()}")
+    wc.wait_for(lambda: pn.status().get("replicas", 0) >= 1, timeout=10, what=lambda: f"replicas >= 1: {pn.status()}")
     # Live transactions after the snapshot.
     commit_many(primary, 20)
     cluster.converge(primary, replica)
@@ -419,7 +419,7 @@ def test_replica_killed_while_applying(cluster, tmp_path, port, readers):
         for i in range(6):
             start = rn.status()["applied_frame_no"]
             wc.wait_for(lambda: rn.status()["applied_frame_no"] > start or writer.poll() is not None, timeout=30,
-                        what=f"node {i} applying\n{rn.stderr()}")
+                        what=lambda: f"node {i} applying\n{rn.stderr()}")
             time.sleep(rnd.uniform(0.0, 0.3))  # a random instant, not a synchronization
             if i:
                 bootstraps.append((i, rn.status()["bootstraps"]))
@@ -452,7 +452,7 @@ def test_primary_that_cannot_listen_says_so_in_every_process(cluster, tmp_path, 
         pn = cluster.primary(db, port)
         st = wc.wait_for(lambda: (lambda s: s if str(port) in (s.get("publish_error") or "") else None)(pn.status()),
                          timeout=10,
-                         what=f"the publisher's error in its own status: {pn.status()}")
+                         what=lambda: f"the publisher's error in its own status: {pn.status()}")
         assert st["publishing"] is False and st["replicas"] == 0 and str(port) in st["publish_error"], st
         other = wc.status(db)
         assert other["publisher_pid"] is None, other
@@ -463,7 +463,7 @@ def test_primary_that_cannot_listen_says_so_in_every_process(cluster, tmp_path, 
         squatter.close()
     # Once the port is free, the node publishes, and says so everywhere.
     wc.wait_for(lambda: wc.status(db).get("publisher_pid") == pn.pid, timeout=15,
-                what=f"the node publishing once the port is free: {wc.status(db)}")
+                what=lambda: f"the node publishing once the port is free: {wc.status(db)}")
 
 
 def test_primary_restart_replica_reconnects(cluster, tmp_path, port):
@@ -479,7 +479,7 @@ def test_primary_restart_replica_reconnects(cluster, tmp_path, port):
     pn.kill()
     # The replica notices, in its own status and in what other processes see.
     wc.wait_for(lambda: rn.status()["state"] == "disconnected", timeout=10,
-                what=f"state 'disconnected' in the applier: {rn.status()}")
+                what=lambda: f"state 'disconnected' in the applier: {rn.status()}")
     wc.wait_for(lambda: wc.status(replica)["state"] == "disconnected", timeout=10,
                 what="state 'disconnected' in another process's status")
     # Reads still work, with and without walcast.
@@ -492,7 +492,7 @@ def test_primary_restart_replica_reconnects(cluster, tmp_path, port):
     assert pn2.ready.get("walcast_role") == "primary" and pn2.ready.get("walcast_endpoint") == tcp(port), pn2.ready
     commit_many(primary, 40, per_txn=2)
     cluster.converge(primary, replica)
-    wc.wait_for(lambda: rn.status()["state"] == "streaming", timeout=10, what=f"streaming again: {rn.status()}")
+    wc.wait_for(lambda: rn.status()["state"] == "streaming", timeout=10, what=lambda: f"streaming again: {rn.status()}")
     assert rn.status()["bootstraps"] == b0, f"a primary restart made the replica bootstrap again: {rn.status()}"
     cluster.identical(primary, replica)
 
@@ -554,7 +554,7 @@ def test_killed_applier_is_replaced(cluster, tmp_path, port):
     def appliers():
         return [n for n in (a, b) if n.status()["applier_in_this_process"]]
     wc.wait_for(lambda: len(appliers()) == 1, timeout=5,
-                what=f"exactly one applier: {[(n.name, n.status()) for n in (a, b)]}")
+                what=lambda: f"exactly one applier: {[(n.name, n.status()) for n in (a, b)]}")
     (applier,) = appliers()
     survivor = b if applier is a else a
     st = wc.status(replica)
@@ -575,7 +575,7 @@ for i in range(400):
         applier.kill()
         t0 = time.monotonic()
         wc.wait_for(lambda: survivor.status()["applier_in_this_process"], timeout=3,
-                    what=f"{survivor.name} taking over within 3 s\n{cluster.diag(replica)}")
+                    what=lambda: f"{survivor.name} taking over within 3 s\n{cluster.diag(replica)}")
         print(f"takeover after {time.monotonic() - t0:.2f} s")
     finally:
         out, err = writer.communicate(timeout=300)
@@ -583,7 +583,7 @@ for i in range(400):
     cluster.converge(primary, replica)
     if "applier_pid" in wc.status(replica):
         wc.wait_for(lambda: wc.status(replica)["applier_pid"] == survivor.pid, timeout=5,
-                    what=f"the status naming the new applier {survivor.pid}: {wc.status(replica)}")
+                    what=lambda: f"the status naming the new applier {survivor.pid}: {wc.status(replica)}")
     commit_many(primary, 20)
     cluster.converge(primary, replica)
     cluster.identical(primary, replica)
@@ -815,7 +815,7 @@ def test_divergent_history_rebootstraps(cluster, tmp_path, how):
         assert "error" not in r, r
         # Refused, visibly, with the replica's content unchanged ...
         st = wc.wait_for(lambda: (s := rn.status())["state"] == "error" and "another database" in (s["last_error"] or "") and s,
-                         timeout=20, what=f"the replica refusing another database's primary\n{cluster.diag(replica)}")
+                         timeout=20, what=lambda: f"the replica refusing another database's primary\n{cluster.diag(replica)}")
         assert "walcast_rebootstrap" in st["last_error"], st
         assert st["applied_frame_no"] == applied_before and st["bootstraps"] == b0, st
         assert summary(replica) == before

@@ -190,7 +190,7 @@ class LedgerWriter:
 
     def wait_acked(self, n, timeout=60):
         return wc.wait_for(lambda: len(self.acked()) >= n or not self.running(), timeout=timeout,
-                           what=f"{n} acknowledged commits (have {len(self.acked())}; errors {self.errors()[-3:]})")
+                           what=lambda: f"{n} acknowledged commits (have {len(self.acked())}; errors {self.errors()[-3:]})")
 
     def stderr(self):
         """What walcast reported in the writer's process (capture runs there too)."""
@@ -275,7 +275,7 @@ def test_primary_disk_full(cluster, small_disk, tmp_path, port):
     disk.fill()
     # The writer keeps trying; wait until it has failed a number of times.
     wc.wait_for(lambda: len(w.errors()) >= 20 or not w.running(), timeout=60,
-                what=f"the writer failing on the full disk (acked {len(w.acked())})")
+                what=lambda: f"the writer failing on the full disk (acked {len(w.acked())})")
     acked_full = set(w.acked())
     st_full = pn.status()
     print("primary status while full:", json.dumps(st_full))
@@ -295,7 +295,7 @@ def test_primary_disk_full(cluster, small_disk, tmp_path, port):
             return ("reported", st)
         return None
     how, st = wc.wait_for(replicated_or_reported, timeout=15,
-                          what=f"acknowledged commits replicated or the failure reported: {pn.status()}")
+                          what=lambda: f"acknowledged commits replicated or the failure reported: {pn.status()}")
     print(f"while full: {how}: {json.dumps(st)}")
     assert acked_full <= ledger(primary), "acknowledged commits missing from the primary"
     wc.integrity_ok(primary)
@@ -312,7 +312,7 @@ def test_primary_disk_full(cluster, small_disk, tmp_path, port):
     assert w.running()
     w.stop()
     wc.wait_for(lambda: pn.status()["last_error"] is None, timeout=10,
-                what=f"the primary's last_error clearing: {pn.status()}")
+                what=lambda: f"the primary's last_error clearing: {pn.status()}")
     st_after = pn.status()
     print("primary status after freeing:", json.dumps(st_after))
     cluster.converge(primary, replica)
@@ -345,17 +345,17 @@ def test_replica_disk_full(cluster, small_disk, tmp_path, port):
     n_full = len(w.acked())
     w.wait_acked(n_full + 100)  # the primary is not affected
     st = wc.wait_for(lambda: (lambda s: s if s["last_error"] and ENOSPC_TEXT in s["last_error"] else None)(rn.status()),
-                     timeout=20, what=f"the replica reporting the full disk: {rn.status()}")
+                     timeout=20, what=lambda: f"the replica reporting the full disk: {rn.status()}")
     print("replica status while full (applier):", json.dumps(st))
     # Other processes read the status the applier writes beside the replica,
     # on the same full disk: it must say so there too, not "streaming".
     other = wc.wait_for(
         lambda: (lambda s: s if s["last_error"] and ENOSPC_TEXT in s["last_error"] else None)(wc.status(replica)),
-        timeout=10, what=f"another process's status naming the full disk: {wc.status(replica)}")
+        timeout=10, what=lambda: f"another process's status naming the full disk: {wc.status(replica)}")
     print("replica status while full (another process):", json.dumps(other))
     assert other["state"] in ("error", "catching_up"), other
     # Stopped visibly: behind the primary, and saying why.
-    wc.wait_for(lambda: rn.status()["lag_frames"] > 0, timeout=10, what=f"lag_frames > 0: {rn.status()}")
+    wc.wait_for(lambda: rn.status()["lag_frames"] > 0, timeout=10, what=lambda: f"lag_frames > 0: {rn.status()}")
     st = rn.status()
     assert st["state"] in ("error", "catching_up"), st
     applied = st["applied_frame_no"]
@@ -382,7 +382,7 @@ def replica_recovered(cluster, primary, replica, rn, w, reader, after):
     # Converged through catch-up, it says so at its next message (a heartbeat
     # within 500 ms): wait for that rather than sample one instant.
     st = wc.wait_for(lambda: (s := rn.status())["state"] == "streaming" and s["last_error"] is None and s, timeout=10,
-                     what=f"the replica streaming with no error after {after}: {rn.status()}")
+                     what=lambda: f"the replica streaming with no error after {after}: {rn.status()}")
     print(f"replica status after {after}:", json.dumps(st))
     acked = set(w.acked())
     assert acked <= ledger(replica), sorted(acked - ledger(replica))[:5]
@@ -432,7 +432,7 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
         if EIO_TEXT in pn.stderr() or EIO_TEXT in w.stderr():
             return "stderr"
         return None
-    how = wc.wait_for(noticed, timeout=30, what=f"the fault noticed: {pn.status()}")
+    how = wc.wait_for(noticed, timeout=30, what=lambda: f"the fault noticed: {pn.status()}")
     print(f"{kind}: the fault was first noticed through the {how}")
     if kind in ("write", "write_torn"):
         # A process the fault does not touch, whose own capture succeeds, still
@@ -440,7 +440,7 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
         def seen_elsewhere():
             st = clean_status(primary)
             return st if st["state"] == "stalled" and EIO_TEXT in (st["last_error"] or "") else None
-        st = wc.wait_for(seen_elsewhere, timeout=30, what=f"a clean process seeing the fault: {clean_status(primary)}")
+        st = wc.wait_for(seen_elsewhere, timeout=30, what=lambda: f"a clean process seeing the fault: {clean_status(primary)}")
         assert "capture is failing in process" in st["last_error"] and st["last_capture_failure"]["ongoing"], st
         print(f"{kind}: a clean process's status under the fault: {json.dumps(st)}")
     # Let the fault last a while under load.
@@ -461,7 +461,7 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
             return ("reported", st)
         return None
     how, st = wc.wait_for(replicated_or_reported, timeout=15,
-                          what=f"acknowledged commits replicated or the failure reported: {pn.status()}")
+                          what=lambda: f"acknowledged commits replicated or the failure reported: {pn.status()}")
     print(f"{kind}: under the fault: {how}")
     assert acked_fault <= ledger(primary), "acknowledged commits missing from the primary"
     wc.integrity_ok(primary)
@@ -480,7 +480,7 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
     w.wait_acked(n_off + 50)
     w.stop()
     wc.wait_for(lambda: pn.status()["last_error"] is None, timeout=10,
-                what=f"the primary's last_error clearing: {pn.status()}")
+                what=lambda: f"the primary's last_error clearing: {pn.status()}")
     st = pn.status()
     print(f"{kind}: primary status after healing: {json.dumps(st)}")
     assert st["state"] == "capturing", st
@@ -488,7 +488,7 @@ def test_primary_log_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, ki
     # (a failed sync is recovered only by a sync in that process: until then,
     # it is history once not repeated for 5 s).
     clean = wc.wait_for(lambda: (lambda st: st if st["state"] == "capturing" else None)(clean_status(primary)),
-                        timeout=15, what=f"a clean process's status after healing: {clean_status(primary)}")
+                        timeout=15, what=lambda: f"a clean process's status after healing: {clean_status(primary)}")
     failure = clean["last_capture_failure"]
     assert clean["last_error"] is None and failure and EIO_TEXT in failure["error"] and not failure["ongoing"], clean
     assert failure["recovered_unix_ms"] or kind == "fsync", clean
@@ -521,10 +521,10 @@ def test_replica_wal_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, to
     n_on = len(w.acked())
     w.wait_acked(n_on + 100)
     st = wc.wait_for(lambda: (lambda s: s if s["last_error"] and EIO_TEXT in s["last_error"] else None)(rn.status()),
-                     timeout=20, what=f"the replica reporting the I/O error: {rn.status()}")
+                     timeout=20, what=lambda: f"the replica reporting the I/O error: {rn.status()}")
     print("replica status under the fault (applier):", json.dumps(st))
     print("replica status under the fault (another process):", json.dumps(wc.status(replica)))
-    wc.wait_for(lambda: rn.status()["lag_frames"] > 0, timeout=10, what=f"lag_frames > 0: {rn.status()}")
+    wc.wait_for(lambda: rn.status()["lag_frames"] > 0, timeout=10, what=lambda: f"lag_frames > 0: {rn.status()}")
     assert rn.status()["state"] in ("error", "catching_up"), rn.status()
     assert faults.injected(), "faultfs injected nothing"
     wc.integrity_ok(replica)

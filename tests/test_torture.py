@@ -385,7 +385,7 @@ def test_applier_killed(cluster, tmp_path, port, cleanup):
             if takeover:
                 survivor = others[0]
                 wc.wait_for(lambda: survivor.status()["applier_in_this_process"], timeout=10,
-                            what=f"{survivor.name} taking over\n{cluster.diag(replica)}")
+                            what=lambda: f"{survivor.name} taking over\n{cluster.diag(replica)}")
                 takeover_s.append(time.monotonic() - t_kill)
                 nodes = [survivor]
                 fig["takeovers"] += 1

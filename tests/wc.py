@@ -116,13 +116,16 @@ def integrity_ok(path):
 
 
 def wait_for(cond, timeout=10.0, what="condition"):
+    """Polls cond until it returns something true, and returns that. `what`
+    names what is awaited in the error; a callable is called then, so that a
+    status it shows is the one at the timeout, not at the start."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.01)
 
 
