@@ -1597,7 +1597,6 @@ impl DbState {
         claims.write_claim(claim);
     }
 
-    /// After the WAL write lock is released: wake the capture thread. Never blocks.
     /// A connection of this process took the checkpoint lock. A checkpoint that
     /// copies the whole WAL lets the next writer restart it, and the log must
     /// be durable before that: the capture thread syncs it now, while the
@@ -1610,6 +1609,7 @@ impl DbState {
         }
     }
 
+    /// After the WAL write lock is released: wake the capture thread. Never blocks.
     pub fn after_write_lock_released(&self) {
         // The mark belongs to the write lock just released.
         if let Ok(mut m) = self.write_start.try_lock() {
