@@ -893,7 +893,10 @@ def test_a_rebootstrap_requested_during_a_bootstrap_is_carried_out(cluster, tmp_
     st = rn.status()
     assert st["state"] == "bootstrapping" and st["bootstraps"] == 0, f"asked too late to test anything: {st}"
     # (Without the fix the first bootstrap cleared the request: bootstraps stayed 1.)
-    wc.wait_for(lambda: rn.status()["bootstraps"] >= 2, timeout=60, what="a second bootstrap, for the request")
+    # The counter rises before the bootstrap records the request done and its
+    # position: wait for the whole of it.
+    wc.wait_for(lambda: (lambda s: s if s["bootstraps"] >= 2 and s["applied_frame_no"] > 0 else None)(rn.status()),
+                timeout=60, what="a second bootstrap, for the request")
     st = rn.status()
     assert st["rebootstrap_requested"] is False and st["bootstraps"] == 2, st
     cluster.converge(primary, replica)
