@@ -191,11 +191,13 @@ class Writer:
     def op_paced(self, m):
         """Single-row INSERTs with explicit ids m["first"].., paced at m["rate"]
         commits/s (sleeping, never spinning, on an absolute schedule), m["count"]
-        of them; the CLOCK_MONOTONIC time each commit returned goes to m["out"]."""
+        of them; the CLOCK_MONOTONIC time each commit returned goes to m["out"].
+        Also returns how long each commit call took (percentiles, ns)."""
         c, v = self.c, self.blob
         first, count, rate = m["first"], m["count"], m["rate"]
         stmt = "INSERT INTO t(id, k, v) VALUES (?, ?, ?)"
         times = array("q", bytes(8 * count))
+        calls = array("q", bytes(8 * count))
         period = 1e9 / rate
         cpu0, pt0 = proc_cpu_ticks(), time.process_time()
         t0 = now() + 2_000_000
@@ -205,15 +207,18 @@ class Writer:
             d = target - now()
             if d > 0:
                 sleep(d / 1e9)
+            t = now()
             c.execute(stmt, (first + i, i, v))
             times[i] = now()
+            calls[i] = times[i] - t
         t1 = times[-1] if count else now()
         cpu1, pt1 = proc_cpu_ticks(), time.process_time()
         if m.get("out"):
             with open(m["out"], "wb") as f:
                 times.tofile(f)
         return {"ops": count, "elapsed": (t1 - t0) / 1e9, "rate": count / max(1e-9, (t1 - t0) / 1e9),
-                "cpu_ticks": cpu1 - cpu0, "process_time": pt1 - pt0, "t_end_ns": t1, "frame_no": self.frame_no()}
+                "cpu_ticks": cpu1 - cpu0, "process_time": pt1 - pt0, "t_end_ns": t1, "frame_no": self.frame_no(),
+                "commit_call": percentiles(calls.tolist())}
 
     def op_load(self, m):
         """Bulk load: transactions of m["txn_rows"] rows of m["size"]-byte random
