@@ -1181,24 +1181,34 @@ pub fn start_writeback(file: &std::fs::File, off: u64, len: u64) -> io::Result<(
     }
 }
 
-/// Lowers the calling thread's scheduling priority to `nice` (Linux: a
-/// thread's own nice value; threads it starts inherit it), unless it is lower
-/// already. Lowering needs no privilege; raising it back would, so it is for
-/// threads that only ever do background work.
+/// Puts the calling thread below the application's threads (Linux: per
+/// thread; threads it starts inherit both settings):
+/// - nice `nice`, unless it is lower already;
+/// - the SCHED_BATCH policy, unless it runs under another policy than the
+///   default: its wake-ups do not preempt the thread running where it wakes.
+///   It runs on a free CPU at once, or when that thread blocks or its time
+///   slice ends, with the same share of the CPU as at nice `nice` otherwise.
+///
+/// Neither needs a privilege; raising the priority back would, so it is for
+/// threads that only ever do background work. The first error is returned,
+/// after both were tried.
 pub fn lower_thread_priority(nice: i32) -> io::Result<()> {
     // SAFETY: no memory is passed; gettid cannot fail, and getpriority cannot
     // for the calling thread (so its -1 is a nice value, not an error).
     let tid = unsafe { libc::gettid() } as libc::id_t;
-    if unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } >= nice {
-        return Ok(());
-    }
+    let mut result = Ok(());
     // SAFETY: as above.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } < nice && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+        result = Err(io::Error::last_os_error());
     }
+    // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER {
+        let param = libc::sched_param { sched_priority: 0 };
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 && result.is_ok() {
+            result = Err(io::Error::last_os_error());
+        }
+    }
+    result
 }
 
 /// The first `len` bytes of a file mapped shared (MAP_SHARED), read and
@@ -1240,5 +1250,36 @@ impl Drop for SharedWords {
         unsafe {
             libc::munmap(self.ptr as *mut c_void, self.words * 4);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (nice, policy) of the calling thread.
+    fn priority() -> (i32, i32) {
+        // SAFETY: no memory is passed; both read the calling thread.
+        unsafe { (libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t), libc::sched_getscheduler(0)) }
+    }
+
+    #[test]
+    fn a_background_thread_runs_at_nice_10_as_a_batch_thread_unless_lower_already() {
+        let default = std::thread::spawn(|| {
+            lower_thread_priority(10).unwrap();
+            priority()
+        });
+        assert_eq!(default.join().unwrap(), (10, libc::SCHED_BATCH));
+        // A thread already lower, in nice and policy, stays as it was.
+        let idle = std::thread::spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+            assert_eq!(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }, 0);
+            // SAFETY: as in `priority`.
+            assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 15) }, 0);
+            lower_thread_priority(10).unwrap();
+            priority()
+        });
+        assert_eq!(idle.join().unwrap(), (15, libc::SCHED_IDLE));
     }
 }

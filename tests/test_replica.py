@@ -288,8 +288,12 @@ def test_late_join_bootstraps_from_snapshot(cluster, tmp_path, port):
     cluster.identical(primary, replica)
 
 
-def thread_nice(pid):
-    """{thread name: [nice value of each thread of that name]} of a process."""
+SCHED_OTHER, SCHED_BATCH = 0, 3
+
+
+def thread_priorities(pid):
+    """{thread name: [(nice value, scheduling policy) of each thread of that
+    name]} of a process (/proc/PID/task/TID/stat fields 19 and 41)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -297,16 +301,19 @@ def thread_nice(pid):
         except OSError:  # the thread ended meanwhile
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
-        out.setdefault(name, []).append(int(stat[stat.rindex(")") + 2:].split()[16]))
+        fields = stat[stat.rindex(")") + 2:].split()
+        out.setdefault(name, []).append((int(fields[16]), int(fields[38])))
     return out
 
 
 def test_replication_threads_run_below_the_application(cluster, tmp_path, port):
     """Capture, the publisher, the catch-up server, the applier and the NNG
     threads they start run at nice 10 (or lower, when the process was started
-    lower), so that an application's readers and writers come first where the
-    CPU is short; the application's own thread keeps its priority. NNG runs one
-    task thread (.cargo/config.toml), not two per CPU."""
+    lower) and as SCHED_BATCH, so that an application's readers and writers
+    come first where the CPU is short, and a commit's wake-up of capture does
+    not preempt the committing thread; the application's own thread keeps its
+    priority and policy. NNG runs one task thread (.cargo/config.toml), not
+    two per CPU."""
     base = os.nice(0)  # the nodes inherit it
     tmp = str(tmp_path)
     primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
@@ -317,11 +324,13 @@ def test_replication_threads_run_below_the_application(cluster, tmp_path, port):
     expected = {pn: ["walcast-capture", "walcast-publish", "walcast-catchup", "nng:task"],
                 rn: ["walcast-replica", "walcast-checkpo", "nng:task"]}
     for node, names in expected.items():
-        nice = thread_nice(node.p.pid)
+        prio = thread_priorities(node.p.pid)
         for name in names:
-            assert set(nice.get(name, [])) == {max(10, base)}, f"{node.name}: {name} runs at nice {nice.get(name)}: {nice}"
-        assert set(nice["python3"]) == {base}, f"{node.name}: the application's thread must keep nice {base}: {nice}"
-        assert len(nice["nng:task"]) == 1, f"{node.name}: NNG must run one task thread: {nice}"
+            assert set(prio.get(name, [])) == {(max(10, base), SCHED_BATCH)}, \
+                f"{node.name}: {name} runs at (nice, policy) {prio.get(name)}: {prio}"
+        assert set(prio["python3"]) == {(base, SCHED_OTHER)}, \
+            f"{node.name}: the application's thread must keep nice {base} and SCHED_OTHER: {prio}"
+        assert len(prio["nng:task"]) == 1, f"{node.name}: NNG must run one task thread: {prio}"
 
 
 # --- 3. replica restart ----------------------------------------------------------
