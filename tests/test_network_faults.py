@@ -309,8 +309,8 @@ def test_link_cuts_show_disconnected_and_converge(cluster, relays_closed, tmp_pa
             down = mon.wait(lambda s: s["state"] == "disconnected", CUT_SECONDS, f"{kind} {i}: 'disconnected'")
             t_down = time.monotonic()
             # Another process reads the applier's status file (or finds it stale).
-            elsewhere = wc.wait_for(lambda: (lambda s: s if s["state"] == "disconnected" else None)(wc.status(replica)),
-                                    timeout=CUT_SECONDS, what=f"{kind} {i}: 'disconnected' in another process")
+            elsewhere = wc.wait_for_status(lambda: wc.status(replica), lambda s: s["state"] == "disconnected",
+                                           timeout=CUT_SECONDS, what=f"{kind} {i}: 'disconnected' in another process")
             assert relay.cutting() or relay.partitioned(), f"{kind} {i}: seen elsewhere only after the fault ended"
             wc.wait_for(lambda: not (relay.cutting() or relay.partitioned()), timeout=CUT_SECONDS + 1,
                         what="the fault's end")
@@ -384,11 +384,8 @@ def settled_status(node, timeout=30):
     fault proxy held back (reordered) can still arrive after the faults stop:
     a stale heartbeat makes the replica ask the catch-up server for a moment
     (state catching_up), then it streams again. One that never settles fails."""
-    def streaming():
-        st = node.status()
-        return st if st["state"] == "streaming" and st["lag_frames"] == 0 else None
-    return wc.wait_for(streaming, timeout=timeout,
-                       what=lambda: f"{node.name} streaming with nothing behind: {node.status()}")
+    return wc.wait_for_status(node.status, lambda s: s["state"] == "streaming" and s["lag_frames"] == 0,
+                              timeout=timeout, what=lambda: f"{node.name} streaming with nothing behind: {node.status()}")
 
 
 # --- relays: a faulty link above a walcast relay --------------------------------------

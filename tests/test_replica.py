@@ -245,8 +245,9 @@ def test_workload_converges_byte_identical(cluster, tmp_path, page_size, seed, w
     # Seen from a process that does not apply (the applier's status file, which
     # it rewrites every few hundred ms): settles on "no lag" once idle.
     pst = wc.status(primary)
-    st = wc.wait_for(lambda: (lambda s: s if s.get("lag_frames") == 0 and s.get("primary_frame_no") == n2 else None)(
-        wc.status(replicas[0])), timeout=5, what=lambda: f"lag_frames 0 in the status: {wc.status(replicas[0])}")
+    st = wc.wait_for_status(lambda: wc.status(replicas[0]),
+                            lambda s: s.get("lag_frames") == 0 and s.get("primary_frame_no") == n2, timeout=5,
+                            what=lambda: f"lag_frames 0 in the status: {wc.status(replicas[0])}")
     assert st["role"] == "replica" and st["state"] == "streaming", st
     assert st["applier_in_this_process"] is False, st
     assert st["db_id"] == pst["db_id"], (st, pst)
@@ -257,8 +258,9 @@ def test_workload_converges_byte_identical(cluster, tmp_path, page_size, seed, w
                 what=lambda: f"published_frame_no == {n2}: {pn.status()}")
     # So does any other process's status, from the publisher's status file
     # (which it rewrites every 250 ms: it may lag what the publisher has done).
-    other = wc.wait_for(lambda: (lambda s: s if s.get("replicas") == 2 and s.get("published_frame_no") == n2 else None)(
-        wc.status(primary)), timeout=10, what=lambda: f"replicas 2 and published_frame_no {n2} in the status file: {wc.status(primary)}")
+    other = wc.wait_for_status(lambda: wc.status(primary),
+                               lambda s: s.get("replicas") == 2 and s.get("published_frame_no") == n2, timeout=10,
+                               what=lambda: f"replicas 2 and published_frame_no {n2} in the status file: {wc.status(primary)}")
     assert other["publishing"] is False and other["publisher_pid"] == pn.pid, other
     assert other["publish_error"] is None, other
 
@@ -461,9 +463,8 @@ def test_primary_that_cannot_listen_says_so_in_every_process(cluster, tmp_path, 
     squatter.listen(1)
     try:
         pn = cluster.primary(db, port)
-        st = wc.wait_for(lambda: (lambda s: s if str(port) in (s.get("publish_error") or "") else None)(pn.status()),
-                         timeout=10,
-                         what=lambda: f"the publisher's error in its own status: {pn.status()}")
+        st = wc.wait_for_status(pn.status, lambda s: str(port) in (s.get("publish_error") or ""), timeout=10,
+                                what=lambda: f"the publisher's error in its own status: {pn.status()}")
         assert st["publishing"] is False and st["replicas"] == 0 and str(port) in st["publish_error"], st
         other = wc.status(db)
         assert other["publisher_pid"] is None, other
@@ -897,8 +898,8 @@ def test_a_rebootstrap_requested_during_a_bootstrap_is_carried_out(cluster, tmp_
     commit_many(primary, 30, stmt="WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1000) "
                                   "INSERT INTO t(k, v) SELECT x, randomblob(10000) FROM n")
     rn = cluster.replica(replica, port)
-    st = wc.wait_for(lambda: (lambda s: s if s["state"] == "bootstrapping" else None)(rn.status()), timeout=30,
-                     what="the first bootstrap under way")
+    st = wc.wait_for_status(rn.status, lambda s: s["state"] == "bootstrapping", timeout=30,
+                            what="the first bootstrap under way")
     assert st["bootstraps"] == 0, st
     assert "error" not in rn.sql("PRAGMA walcast_rebootstrap")
     st = rn.status()
@@ -906,8 +907,8 @@ def test_a_rebootstrap_requested_during_a_bootstrap_is_carried_out(cluster, tmp_
     # (Without the fix the first bootstrap cleared the request: bootstraps stayed 1.)
     # The counter rises before the bootstrap records the request done and its
     # position: wait for the whole of it.
-    wc.wait_for(lambda: (lambda s: s if s["bootstraps"] >= 2 and s["applied_frame_no"] > 0 else None)(rn.status()),
-                timeout=60, what="a second bootstrap, for the request")
+    wc.wait_for_status(rn.status, lambda s: s["bootstraps"] >= 2 and s["applied_frame_no"] > 0, timeout=60,
+                       what="a second bootstrap, for the request")
     st = rn.status()
     assert st["rebootstrap_requested"] is False and st["bootstraps"] == 2, st
     cluster.converge(primary, replica)
@@ -983,8 +984,9 @@ def test_bad_input_changes_nothing(cluster, tmp_path, port):
     cluster.converge(primary, replica)
     pconf, rconf = read(primary + "-walcast-conf"), read(replica + "-walcast-conf")
     before = summary(replica)
-    rst = wc.wait_for(lambda: (lambda s: s if s.get("role") == "replica" and s.get("state") == "streaming" else None)(
-        wc.status(replica)), timeout=5, what="the applier's status file")
+    rst = wc.wait_for_status(lambda: wc.status(replica),
+                             lambda s: s.get("role") == "replica" and s.get("state") == "streaming",
+                             timeout=5, what="the applier's status file")
 
     # An invalid endpoint, on either side, from the shell and from Python.
     for db in (replica, primary):

@@ -344,14 +344,13 @@ def test_replica_disk_full(cluster, small_disk, tmp_path, port):
     disk.fill()
     n_full = len(w.acked())
     w.wait_acked(n_full + 100)  # the primary is not affected
-    st = wc.wait_for(lambda: (lambda s: s if s["last_error"] and ENOSPC_TEXT in s["last_error"] else None)(rn.status()),
-                     timeout=20, what=lambda: f"the replica reporting the full disk: {rn.status()}")
+    st = wc.wait_for_status(rn.status, lambda s: s["last_error"] and ENOSPC_TEXT in s["last_error"], timeout=20,
+                            what=lambda: f"the replica reporting the full disk: {rn.status()}")
     print("replica status while full (applier):", json.dumps(st))
     # Other processes read the status the applier writes beside the replica,
     # on the same full disk: it must say so there too, not "streaming".
-    other = wc.wait_for(
-        lambda: (lambda s: s if s["last_error"] and ENOSPC_TEXT in s["last_error"] else None)(wc.status(replica)),
-        timeout=10, what=lambda: f"another process's status naming the full disk: {wc.status(replica)}")
+    other = wc.wait_for_status(lambda: wc.status(replica), lambda s: s["last_error"] and ENOSPC_TEXT in s["last_error"],
+                               timeout=10, what=lambda: f"another process's status naming the full disk: {wc.status(replica)}")
     print("replica status while full (another process):", json.dumps(other))
     assert other["state"] in ("error", "catching_up"), other
     # Stopped visibly: behind the primary, and saying why.
@@ -520,8 +519,8 @@ def test_replica_wal_io_errors(cluster, faultfs, monkeypatch, tmp_path, port, to
     faults.on()
     n_on = len(w.acked())
     w.wait_acked(n_on + 100)
-    st = wc.wait_for(lambda: (lambda s: s if s["last_error"] and EIO_TEXT in s["last_error"] else None)(rn.status()),
-                     timeout=20, what=lambda: f"the replica reporting the I/O error: {rn.status()}")
+    st = wc.wait_for_status(rn.status, lambda s: s["last_error"] and EIO_TEXT in s["last_error"], timeout=20,
+                            what=lambda: f"the replica reporting the I/O error: {rn.status()}")
     print("replica status under the fault (applier):", json.dumps(st))
     print("replica status under the fault (another process):", json.dumps(wc.status(replica)))
     wc.wait_for(lambda: rn.status()["lag_frames"] > 0, timeout=10, what=lambda: f"lag_frames > 0: {rn.status()}")

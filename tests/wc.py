@@ -129,6 +129,15 @@ def wait_for(cond, timeout=10.0, what="condition"):
         time.sleep(0.01)
 
 
+def wait_for_status(get, ok, timeout=10.0, what="condition"):
+    """Polls get() (a status) until ok(status) holds, and returns that status,
+    so that what a test checks next is the status that met the condition."""
+    def met():
+        s = get()
+        return s if ok(s) else None
+    return wait_for(met, timeout, what)
+
+
 # --- replica tests ---------------------------------------------------------
 
 _ports_handed_out = set()
