@@ -17,7 +17,7 @@
 
 use crate::claim::{ClaimFile, ClaimState, WalMark};
 use crate::log::{DbStat, LogError, LogWriter, WalCursor, WalEvent};
-use crate::wal::{WalCommit, WalFile, WalPos};
+use crate::wal::{KeptWal, WalCommit, WalFile, WalPos};
 use std::fmt;
 use std::io;
 use std::path::Path;
@@ -97,6 +97,8 @@ pub struct Paths<'a> {
     pub db: &'a Path,
     pub wal: &'a Path,
     pub committed: Committed,
+    /// The WAL file kept open between passes (None: opened each time).
+    pub kept_wal: Option<&'a KeptWal>,
 }
 
 /// What says which frames of the WAL file are committed. A commit frame in the
@@ -118,6 +120,13 @@ pub enum Committed {
 }
 
 impl Paths<'_> {
+    fn open_wal(&self) -> io::Result<Option<WalFile>> {
+        match self.kept_wal {
+            Some(k) => k.open(self.wal),
+            None => WalFile::open(self.wal),
+        }
+    }
+
     /// The last frame of `w` that may be captured (None: any). `from` is where
     /// the log stands in `w`, when it does.
     fn limit(&self, w: &WalFile, from: Option<WalPos>, db: &dyn DbReader) -> io::Result<Option<u32>> {
@@ -152,7 +161,7 @@ pub fn catch_up(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Cl
 fn catch_up_in_memory(log: &mut LogWriter, paths: &Paths, imaging: Imaging, claims: Claims) -> Result<CatchUp, CaptureError> {
     log.refresh()?;
     let mut out = CatchUp::default();
-    let wal = WalFile::open(paths.wal)?;
+    let wal = paths.open_wal()?;
     // Before the first read: reading ahead past what is committed reads frames
     // being written, or left over from before a restart (up to 1 MiB a pass).
     if let (Some(w), Committed::WalIndex(m)) = (&wal, paths.committed) {
@@ -556,8 +565,9 @@ fn new_generation(
             }
             // The WAL seen before the lock may have moved on; read it again, and
             // what is committed, now that no writer can change either.
-            let locked_paths = Paths { db: paths.db, wal: paths.wal, committed: committed() };
-            let r = WalFile::open(paths.wal)
+            let locked_paths = Paths { committed: committed(), ..*paths };
+            let r = paths
+                .open_wal()
                 .map_err(CaptureError::from)
                 .and_then(|w| image_and_claim(log, &locked_paths, w.as_ref(), db, claims, reason));
             unlock();
@@ -699,7 +709,7 @@ pub fn before_wal_change(
         // copied every committed frame of it into the database file: when the
         // wal-index cannot say (it is closed), the file can.
         Committed::Unknown => {
-            checked = Paths { db: paths.db, wal: paths.wal, committed: Committed::Checkpointed };
+            checked = Paths { committed: Committed::Checkpointed, ..*paths };
             &checked
         }
         _ => paths,
@@ -883,7 +893,7 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert!(r.new_generation.is_some());
         assert_eq!(log.state.last_frame_no, 4);
@@ -925,7 +935,7 @@ mod tests {
         // 2 (page 3 goes), then page 2 is rewritten.
         b.frame(3, 0, 0xB1).frame(1, 3, 0xB2).frame(1, 2, 0xC1).frame(2, 2, 0xD1);
         std::fs::write(&wal, &b.bytes).unwrap();
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
         assert_eq!((r.transactions, r.frames), (3, 2), "pages 1 and 2, each once");
         let sizes = sizes_committed(&mut log);
@@ -1009,7 +1019,7 @@ mod tests {
                     std::fs::write(&wal, &b.bytes[..32 + *frame as usize * fsz]).unwrap();
                     Committed::Unknown
                 };
-                let paths = Paths { db: &db, wal: &wal, committed };
+                let paths = Paths { db: &db, wal: &wal, committed, kept_wal: None };
                 let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
                 if first {
                     // The first pass takes a base image, as of the commit.
@@ -1037,7 +1047,7 @@ mod tests {
         b.frame(2, 0, 0xB1).frame(1, 2, 0xB2).frame(2, 2, 0xC1).frame(1, 2, 0xD1);
         std::fs::write(&wal, &b.bytes).unwrap();
         claims.write_claim(WalMark { salt1: 5, salt2: 6, frame: 4 });
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::WalIndex(WalMark { salt1: 5, salt2: 6, frame: 5 }) };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::WalIndex(WalMark { salt1: 5, salt2: 6, frame: 5 }), kept_wal: None };
         let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), Some(&claims)).unwrap();
         assert_eq!(r.transactions, 2, "the claimed ones");
         assert!(r.new_generation.unwrap().contains("without walcast"));
@@ -1055,7 +1065,13 @@ mod tests {
         std::fs::write(&wal, &b.bytes).unwrap();
         let mut log = LogWriter::create(&logp, [1; 16]).unwrap();
         let f = File::open(&db).unwrap();
-        catch_up(&mut log, &Paths { db: &db, wal: &wal, committed: Committed::Unknown }, Imaging::WritersExcluded(&f), None).unwrap();
+        catch_up(
+            &mut log,
+            &Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None },
+            Imaging::WritersExcluded(&f),
+            None,
+        )
+        .unwrap();
         (db, wal, logp, b, log, f)
     }
 
@@ -1136,7 +1152,7 @@ mod tests {
         let mut file = vec![0xA1u8; 512]; // page 1 as of T (frame 1)
         file.extend_from_slice(&[0x77u8; 512]); // page 2 from T
         std::fs::write(&db, &file).unwrap();
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
         let pages = replay(&logp);
         assert_eq!(pages[&2][0], 0x77, "T is captured");
@@ -1155,7 +1171,7 @@ mod tests {
         file.extend_from_slice(&[0x55u8; 512]);
         std::fs::write(&db, &file).unwrap();
         let reset = Committed::WalIndex(WalMark { salt1: 6, salt2: 1234, frame: 0 });
-        let paths = Paths { db: &db, wal: &wal, committed: reset };
+        let paths = Paths { db: &db, wal: &wal, committed: reset, kept_wal: None };
         let b2 = WalBuilder::new(512, 6, 1234);
         let r = before_wal_change(&mut log, &paths, &f, None, WalChange::Restart(&b2.bytes[0..32])).unwrap();
         assert_eq!(r.transactions, 1);
@@ -1165,7 +1181,7 @@ mod tests {
     #[test]
     fn a_crash_right_after_starting_a_wal_keeps_the_generation() {
         let (db, wal, logp, _, mut log, f) = two_page_primary("k");
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         std::fs::write(&db, [vec![0xA1u8; 512], vec![100 + 1; 512]].concat()).unwrap();
         before_wal_change(&mut log, &paths, &f, None, WalChange::End).unwrap();
         std::fs::remove_file(&wal).unwrap();
@@ -1187,7 +1203,7 @@ mod tests {
     #[test]
     fn foreign_wal_restart_starts_a_generation() {
         let (db, wal, logp, _, mut log, f) = two_page_primary("b");
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         let mut b2 = WalBuilder::new(512, 6, 99);
         b2.frame(2, 2, 0xD1);
         std::fs::write(&wal, &b2.bytes).unwrap();
@@ -1201,7 +1217,7 @@ mod tests {
     #[test]
     fn restart_and_end_hooks_keep_continuity() {
         let (db, wal, logp, mut b, mut log, f) = two_page_primary("c");
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         b.frame(2, 2, 0xA2);
         std::fs::write(&wal, &b.bytes).unwrap();
         // A checkpoint copies the WAL into the file; then SQLite restarts the
@@ -1238,7 +1254,7 @@ mod tests {
     #[test]
     fn a_restart_syncs_the_log_only_when_it_is_not_durable_already() {
         let (db, wal, logp, mut b, mut log, f) = two_page_primary("restart-sync");
-        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown };
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
         let checkpointed = |p1: u8, p2: u8| std::fs::write(&db, [vec![p1; 512], vec![p2; 512]].concat()).unwrap();
         // A commit the log does not hold yet: the hook captures it, and syncs.
         b.frame(2, 2, 0xA2);

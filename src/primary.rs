@@ -139,6 +139,8 @@ struct Inner {
     replica: Option<ReplicaThread>,
     /// The capture thread's handle on the database file.
     capture_db: Option<PrivateDb>,
+    /// And on the -wal file.
+    capture_wal: crate::wal::KeptWal,
     /// The last capture failure, cleared by the next success.
     last_error: Option<String>,
     /// Capture cannot continue (the log is unusable): writes are refused.
@@ -237,6 +239,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                     publisher: None,
                     replica: None,
                     capture_db: None,
+                    capture_wal: Default::default(),
                     last_error: None,
                     fatal: None,
                     failure_streak: None,
@@ -886,7 +889,10 @@ impl DbState {
                 self.wake.wait(None);
             }
             if !self.is_capturing() || self.open_handles.load(Ordering::Acquire) == 0 {
-                self.lock().capture_db = None;
+                let mut g = self.lock();
+                g.capture_db = None;
+                g.capture_wal.forget();
+                drop(g);
                 self.unpin_db();
                 continue;
             }
@@ -943,7 +949,7 @@ impl DbState {
         if g.fatal.is_some() || g.role != Role::Primary {
             return Ok(CatchUp::default());
         }
-        let Inner { log, capture_db, .. } = g;
+        let Inner { log, capture_db, capture_wal, .. } = g;
         let Some(log) = log.as_mut() else { return Ok(CatchUp::default()) };
         let r = (|| {
             let _locked = log.lock().map_err(CaptureError::Io)?;
@@ -957,8 +963,9 @@ impl DbState {
             // lands in between is taken at the next wake-up.
             // (No WAL, nothing to bound: then do not create a wal-index either.)
             let read_mark = || db.wal_index_mark().map_or(Committed::Unknown, Committed::WalIndex);
-            let committed = if self.wal_path.exists() { read_mark() } else { Committed::Unknown };
-            let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
+            let wal_exists = capture_wal.file(&self.wal_path).map_err(CaptureError::Io)?.is_some();
+            let committed = if wal_exists { read_mark() } else { Committed::Unknown };
+            let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed, kept_wal: Some(capture_wal) };
             let mut lock = || db.try_lock_writer();
             let mut committed = read_mark;
             let mut unlock = || db.unlock_writer();
@@ -1459,7 +1466,7 @@ impl DbState {
             Some(m) if what != "deleting the WAL" => Committed::WalIndex(m),
             _ => Committed::Unknown,
         };
-        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed };
+        let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed, kept_wal: None };
         let claims = self.claims.get();
         let log = g.log.as_mut().unwrap();
         let locked = match log.lock() {
