@@ -83,6 +83,9 @@ pub struct Shared {
     pub status: Mutex<Status>,
     /// Signalled, with `status` locked, when the applied position moves.
     applied_cv: Condvar,
+    /// Threads in `wait_for`: the applier signals `applied_cv` only when one
+    /// waits (a signal is a system call, and most applies have no waiter).
+    waiters: AtomicU64,
     /// Bumped when the endpoint changes: the session restarts.
     config_seq: AtomicU64,
     stop: AtomicBool,
@@ -99,6 +102,7 @@ impl Shared {
             endpoint: Mutex::new(endpoint),
             status: Mutex::new(Status { state: "disconnected", ..Default::default() }),
             applied_cv: Condvar::new(),
+            waiters: AtomicU64::new(0),
             config_seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             wake: crossbeam_channel::bounded(1),
@@ -151,11 +155,16 @@ impl Shared {
                 return false;
             }
             let left = deadline - now;
+            // Counted before the status is locked: an applier that moves the
+            // position after this thread looked at it then sees the count.
+            self.waiters.fetch_add(1, Ordering::SeqCst);
             let st = self.status();
             if st.applier {
                 let wait = left.min(Duration::from_millis(50));
                 let _ = self.applied_cv.wait_timeout_while(st, wait, |st| st.position.map_or(0, |p| p.frame_no) < frame_no);
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
             } else {
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
                 drop(st);
                 // Another process applies: its position file is the signal.
                 std::thread::sleep(left.min(Duration::from_millis(1)));
@@ -873,7 +882,9 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 st.primary_frame_no = p.frame_no;
             }
         }
-        self.shared.applied_cv.notify_all();
+        if self.shared.waiters.load(Ordering::SeqCst) > 0 {
+            self.shared.applied_cv.notify_all();
+        }
     }
 
     /// Refuses what a primary this replica must not follow sends: another
