@@ -50,6 +50,13 @@ def test_bench_smoke_writes_report_and_plot(tmp_path):
     for needle in ["cores (nproc)", "MemTotal", "SQLite", "walcast build", "Command: `BENCH_SCALE=smoke",
                    "| plain", "ratio"]:
         assert needle in text, f"{needle!r} missing from the report"
+    # Where the CPU goes: the capture thread and the replica's applier were
+    # measured (CPU time, a number, not n/a), at every rate.
+    for row in ["| walcast primary: walcast-capture |", "| walcast replica: walcast-replica |"]:
+        line = next((x for x in text.splitlines() if x.startswith(row)), None)
+        assert line, f"{row!r} missing from the report"
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        assert len(cells) == 3 and all(float(c.replace(",", "")) > 0 for c in cells), line
     png = tmp_path / "BENCHMARKS-lag.png"
     assert "BENCHMARKS-lag.png" in text
     w, h = png_size(png)
