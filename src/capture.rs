@@ -1201,6 +1201,31 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_wal_is_the_file_at_its_path() {
+        let (db, wal, logp, mut b, mut log, f) = two_page_primary("kept");
+        let kept = KeptWal::default();
+        let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: Some(&kept) };
+        b.frame(2, 2, 0xA2);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        assert_eq!((r.transactions, r.new_generation), (1, None));
+        // Appended to: the same file, read again through the kept descriptor.
+        b.frame(1, 2, 0xA3);
+        std::fs::write(&wal, &b.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        assert_eq!((r.transactions, r.new_generation), (1, None));
+        // Deleted, then made again by a process without walcast: the new file
+        // is read, not the deleted one the descriptor still held.
+        std::fs::remove_file(&wal).unwrap();
+        let mut b2 = WalBuilder::new(512, 6, 99);
+        b2.frame(2, 2, 0xD1);
+        std::fs::write(&wal, &b2.bytes).unwrap();
+        let r = catch_up(&mut log, &paths, Imaging::WritersExcluded(&f), None).unwrap();
+        assert!(r.new_generation.unwrap().contains("without walcast"));
+        assert_eq!(replay(&logp)[&2][0], 0xD1);
+    }
+
+    #[test]
     fn foreign_wal_restart_starts_a_generation() {
         let (db, wal, logp, _, mut log, f) = two_page_primary("b");
         let paths = Paths { db: &db, wal: &wal, committed: Committed::Unknown, kept_wal: None };
