@@ -20,6 +20,15 @@
 //! words. Nothing here is ever synced: claims matter only while the WAL they
 //! name exists, and a process that finds a WAL it cannot account for starts a
 //! new generation.
+//!
+//! Words 11 and 12 are the publisher's doorbell, not claims: a process that
+//! appended to the log and does not publish bumps word 11 and, when word 12
+//! (the threads asleep on it) is not zero, wakes them (a futex, which works
+//! across processes on a shared mapping). The publishing process's publisher
+//! thread sleeps on it, so that what another process commits goes out at once
+//! rather than at the publisher's next look at the log. Older walcast versions
+//! leave both words alone (zero); a process that dies asleep leaves word 12
+//! counted, which only costs the ringers a system call.
 
 use crate::vfs::SharedWords;
 use std::fs::OpenOptions;
@@ -36,6 +45,8 @@ const FOREIGN: usize = 5;
 const FOREIGN_COUNT: usize = 8;
 const HANDLED_COUNT: usize = 9;
 const SEQ: usize = 10;
+const DOORBELL: usize = 11;
+const DOORBELL_SLEEPERS: usize = 12;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WalMark {
@@ -93,6 +104,33 @@ impl ClaimFile {
         }
         let words = SharedWords::map(&file, LEN)?;
         Ok(ClaimFile { words })
+    }
+
+    /// Rings the publisher's doorbell (see the module's comment).
+    pub fn ring(&self) {
+        self.words.word(DOORBELL).fetch_add(1, Ordering::SeqCst);
+        if self.words.word(DOORBELL_SLEEPERS).load(Ordering::SeqCst) != 0 {
+            self.words.wake_all(DOORBELL);
+        }
+    }
+
+    /// How many times the doorbell has rung (wrapping): read before looking at
+    /// the log, then passed to `wait_for_ring`.
+    pub fn rings(&self) -> u32 {
+        self.words.word(DOORBELL).load(Ordering::SeqCst)
+    }
+
+    /// Sleeps until the doorbell rings after `seen` (a value of `rings`), or
+    /// `timeout` passes. A ring since `seen` returns at once: a ringer that
+    /// found no sleeper counted bumped the word before this thread counted
+    /// itself, so the futex finds the word changed.
+    pub fn wait_for_ring(&self, seen: u32, timeout: std::time::Duration) {
+        let sleepers = self.words.word(DOORBELL_SLEEPERS);
+        sleepers.fetch_add(1, Ordering::SeqCst);
+        if self.rings() == seen {
+            self.words.wait_while(DOORBELL, seen, timeout);
+        }
+        sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn get(&self, i: usize) -> u32 {
@@ -187,6 +225,38 @@ pub fn on_commit_frame(state: &ClaimState, salts: (u32, u32), wal_last: u32, fra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_doorbell_wakes_a_sleeper_of_another_mapping() {
+        let d = std::env::temp_dir().join(format!("walcast-doorbell-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("x.db-walcast-claim");
+        let _ = std::fs::remove_file(&p);
+        let (publisher, other) = (ClaimFile::open(&p).unwrap(), ClaimFile::open(&p).unwrap());
+        // Rung before the wait: the wait returns at once.
+        let seen = publisher.rings();
+        other.ring();
+        publisher.wait_for_ring(seen, std::time::Duration::from_secs(3600));
+        assert_ne!(publisher.rings(), seen);
+        // Rung while it sleeps: it wakes (its timeout is an hour).
+        let publisher = std::sync::Arc::new(publisher);
+        let (done, woke) = crossbeam_channel::bounded(1);
+        let sleeper = {
+            let (publisher, seen) = (publisher.clone(), publisher.rings());
+            std::thread::spawn(move || {
+                publisher.wait_for_ring(seen, std::time::Duration::from_secs(3600));
+                done.send(()).unwrap();
+            })
+        };
+        while other.words.word(DOORBELL_SLEEPERS).load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        other.ring();
+        assert!(woke.recv_timeout(std::time::Duration::from_secs(60)).is_ok(), "the ring did not wake the sleeper");
+        sleeper.join().unwrap();
+        assert_eq!(other.words.word(DOORBELL_SLEEPERS).load(Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     #[test]
     fn claims_and_foreign_detection() {

@@ -10,6 +10,7 @@
 //! publishes, elected by an exclusive flock on `<db>-walcast-pub`; when it
 //! exits, another takes over.
 
+use crate::claim::ClaimFile;
 use crate::logtail::{LogTail, Pos, Unit};
 use crate::signal::Signal;
 use crate::transport::{Endpoint, PrimarySockets};
@@ -66,7 +67,7 @@ impl Publisher {
 
     /// Wakes the publisher thread to send what was appended to the log.
     pub fn wake(&self) {
-        self.sender.wake.raise();
+        self.sender.wake_publisher();
     }
 }
 
@@ -125,6 +126,11 @@ pub struct Sender {
     live: Arc<Mutex<Option<Live>>>,
     stats: Arc<PublishStats>,
     wake: Arc<Signal>,
+    /// The doorbell in the claim file's shared page (see claim.rs), which
+    /// wakes the publisher thread of whichever process publishes. None when
+    /// the claim file cannot be opened: then the publisher finds other
+    /// processes' appends at its next look (POLL).
+    doorbell: Option<Arc<ClaimFile>>,
     name: Arc<str>,
 }
 
@@ -140,7 +146,16 @@ impl Sender {
                 }
             }
         }
+        self.wake_publisher();
+    }
+
+    /// Wakes this process's publisher thread and, through the doorbell, the
+    /// publishing one, which may be another process's.
+    fn wake_publisher(&self) {
         self.wake.raise();
+        if let Some(d) = &self.doorbell {
+            d.ring();
+        }
     }
 }
 
@@ -161,6 +176,7 @@ pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher 
         live: Arc::new(Mutex::new(None)),
         stats: Arc::new(PublishStats::default()),
         wake: Arc::new(Signal::default()),
+        doorbell: ClaimFile::open(std::path::Path::new(&format!("{db_path}-walcast-claim"))).ok().map(Arc::new),
         name: db_path.into(),
     };
     let (s2, ep2, name, sender2) = (stop.clone(), endpoint.clone(), db_path.to_string(), sender.clone());
@@ -319,8 +335,19 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
     );
     let mut last_beat = Instant::now() - HEARTBEAT_EVERY;
     let mut last_conf_check = Instant::now();
+    // Rings counted before each look at the log: one after it ends the next
+    // wait at once.
+    let mut rings_seen = shared.doorbell.as_ref().map(|d| d.rings());
     while !stop.load(Ordering::Acquire) {
-        wake.wait(Some(POLL));
+        match (&shared.doorbell, rings_seen) {
+            (Some(d), Some(seen)) => {
+                d.wait_for_ring(seen, POLL);
+                rings_seen = Some(d.rings());
+            }
+            _ => {
+                wake.wait(Some(POLL));
+            }
+        }
         // A demotion or a role change by another process: stop publishing (a
         // demoted primary must not keep serving its history).
         if last_conf_check.elapsed() >= Duration::from_millis(250) {
@@ -977,8 +1004,8 @@ mod tests {
 
     /// While this process publishes, the capture thread sends what it has
     /// appended without waking the publisher thread; while it does not, it
-    /// wakes that thread instead (it may be about to publish, or another
-    /// process publishes).
+    /// wakes that thread instead (it may be about to publish), and rings the
+    /// doorbell of the publishing process, which may be another.
     #[test]
     fn capture_sends_what_it_appended_itself_while_this_process_publishes() {
         use crate::transport::{parse_endpoint, ReplicaSockets};
@@ -987,10 +1014,20 @@ mod tests {
         w.commit(1, None).unwrap();
         let stats = Arc::new(PublishStats::default());
         let wake = Arc::new(Signal::default());
-        let sender = Sender { live: Arc::new(Mutex::new(None)), stats: stats.clone(), wake: wake.clone(), name: "t".into() };
+        let doorbell = Arc::new(ClaimFile::open(&dir.join("t-walcast-claim")).unwrap());
+        let publishing_process = ClaimFile::open(&dir.join("t-walcast-claim")).unwrap();
+        let sender = Sender {
+            live: Arc::new(Mutex::new(None)),
+            stats: stats.clone(),
+            wake: wake.clone(),
+            doorbell: Some(doorbell),
+            name: "t".into(),
+        };
 
+        let rings = publishing_process.rings();
         sender.send_new_units();
         assert!(wake.wait(Some(Duration::ZERO)), "not publishing here: the publisher thread must be woken");
+        assert_eq!(publishing_process.rings(), rings.wrapping_add(1), "and the doorbell rung");
 
         let ep = parse_endpoint(&format!("ipc://{}/s", dir.display())).unwrap();
         let sockets = PrimarySockets::listen(&ep, crate::seal::Sealer::default()).unwrap();
@@ -1014,6 +1051,7 @@ mod tests {
         w.flush().unwrap();
         sender.send_new_units();
         assert!(!wake.wait(Some(Duration::ZERO)), "sent by capture: the publisher thread must not be woken");
+        assert_eq!(publishing_process.rings(), rings.wrapping_add(1), "nor the doorbell rung");
         assert_eq!(stats.published_frame_no.load(Ordering::Acquire), 3);
         assert!(sender.live.lock().unwrap().as_ref().unwrap().beat_owed);
         let m = sub.recv_live(Duration::from_secs(10)).unwrap().expect("a message");

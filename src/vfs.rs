@@ -1244,6 +1244,49 @@ impl SharedWords {
     }
 }
 
+impl SharedWords {
+    /// Sleeps while word `i` holds `expected`, for at most `timeout`, or until
+    /// `wake_all(i)` from any process that maps the same file: a futex on a
+    /// shared mapping is keyed by the file and offset, not the address.
+    pub fn wait_while(&self, i: usize, expected: u32, timeout: std::time::Duration) {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: the word is mapped, aligned and lives as long as `self`; the
+        // timespec outlives the call. FUTEX_WAIT without FUTEX_PRIVATE_FLAG is
+        // the shared kind. Its outcome (woken, timed out, value changed,
+        // interrupted) needs no handling: callers look at the word again.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word(i).as_ptr(),
+                libc::FUTEX_WAIT,
+                expected,
+                &ts as *const libc::timespec,
+                ptr::null::<u32>(),
+                0,
+            );
+        }
+    }
+
+    /// Wakes every thread, of any process, in `wait_while(i, ..)`.
+    pub fn wake_all(&self, i: usize) {
+        // SAFETY: as in `wait_while`; FUTEX_WAKE reads no memory of ours.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word(i).as_ptr(),
+                libc::FUTEX_WAKE,
+                i32::MAX,
+                ptr::null::<libc::timespec>(),
+                ptr::null::<u32>(),
+                0,
+            );
+        }
+    }
+}
+
 impl Drop for SharedWords {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `map` mapped; no reference outlives `self`.
