@@ -170,7 +170,7 @@ pub struct DbState {
     thread_started: AtomicBool,
     /// Main-database handles this process has open on this database.
     open_handles: AtomicUsize,
-    claims: OnceLock<ClaimFile>,
+    claims: OnceLock<Arc<ClaimFile>>,
     /// Where this process has mapped the first wal-index region (0 = not mapped).
     wal_index: AtomicUsize,
     /// The first piece of a frame header SQLite split in two (offset, bytes).
@@ -494,7 +494,7 @@ impl DbState {
             r.shared.set_endpoint(Some(ep.url.clone()));
         }
         if g.publisher.is_some() {
-            g.publisher = Some(crate::publish::start(&self.db_path, self.log_path.clone(), ep.clone()));
+            g.publisher = Some(self.new_publisher(ep.clone()));
         }
         Ok(ep.url)
     }
@@ -503,13 +503,19 @@ impl DbState {
         Conf::load(&self.conf_path).ok().and_then(|c| c.endpoint)
     }
 
+    /// A publisher thread for this database; the claim file's doorbell wakes
+    /// it (see claim.rs).
+    fn new_publisher(&self, ep: crate::transport::Endpoint) -> crate::publish::Publisher {
+        crate::publish::start(&self.db_path, self.log_path.clone(), ep, self.claims.get().cloned())
+    }
+
     fn start_publisher(&self, g: &mut Inner) {
         if g.publisher.is_some() {
             return;
         }
         let url = self.endpoint().unwrap_or_else(|| crate::transport::default_endpoint(&self.db_path));
         match crate::transport::parse_endpoint(&url) {
-            Ok(ep) => g.publisher = Some(crate::publish::start(&self.db_path, self.log_path.clone(), ep)),
+            Ok(ep) => g.publisher = Some(self.new_publisher(ep)),
             Err(e) => report(&format!("{}: not publishing: {e}", self.db_path)),
         }
     }
@@ -832,7 +838,7 @@ impl DbState {
         };
         if self.claims.get().is_none() {
             let c = ClaimFile::open(&self.claim_path).map_err(|e| format!("cannot open {}: {e}", self.claim_path.display()))?;
-            let _ = self.claims.set(c);
+            let _ = self.claims.set(Arc::new(c));
         }
         // Full size now, while there is room: a failure is recorded in place.
         if let Err(e) = capture_failure::prepare(&self.failure_path) {
@@ -970,7 +976,7 @@ impl DbState {
             let mut committed = read_mark;
             let mut unlock = || db.unlock_writer();
             let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
-            let r = capture::catch_up(log, &paths, imaging, self.claims.get());
+            let r = capture::catch_up(log, &paths, imaging, self.claims.get().map(|c| &**c));
             log.start_writeback();
             // Holding a wal-index mapping between passes would keep this
             // process's -shm open after the application closed the database.
@@ -1280,7 +1286,7 @@ impl DbState {
         if let Some(p) = g.publisher.take() {
             let ep = p.endpoint.clone();
             drop(p);
-            g.publisher = Some(crate::publish::start(&self.db_path, self.log_path.clone(), ep));
+            g.publisher = Some(self.new_publisher(ep));
         }
         if let Some(r) = &g.replica {
             let ep = r.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -1467,7 +1473,7 @@ impl DbState {
             _ => Committed::Unknown,
         };
         let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed, kept_wal: None };
-        let claims = self.claims.get();
+        let claims = self.claims.get().map(|c| &**c);
         let log = g.log.as_mut().unwrap();
         let locked = match log.lock() {
             Ok(l) => l,

@@ -127,9 +127,8 @@ pub struct Sender {
     stats: Arc<PublishStats>,
     wake: Arc<Signal>,
     /// The doorbell in the claim file's shared page (see claim.rs), which
-    /// wakes the publisher thread of whichever process publishes. None when
-    /// the claim file cannot be opened: then the publisher finds other
-    /// processes' appends at its next look (POLL).
+    /// wakes the publisher thread of whichever process publishes. Without it
+    /// the publisher finds other processes' appends at its next look (POLL).
     doorbell: Option<Arc<ClaimFile>>,
     name: Arc<str>,
 }
@@ -169,14 +168,17 @@ impl Drop for Publisher {
     }
 }
 
-pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint) -> Publisher {
+/// `doorbell`: the database's claim file, whose doorbell other processes ring
+/// after they append (None: the publisher finds their appends at its next
+/// look at the log).
+pub fn start(db_path: &str, log_path: PathBuf, endpoint: Endpoint, doorbell: Option<Arc<ClaimFile>>) -> Publisher {
     let stop = Arc::new(AtomicBool::new(false));
     let lock_path = PathBuf::from(format!("{db_path}-walcast-pub"));
     let sender = Sender {
         live: Arc::new(Mutex::new(None)),
         stats: Arc::new(PublishStats::default()),
         wake: Arc::new(Signal::default()),
-        doorbell: ClaimFile::open(std::path::Path::new(&format!("{db_path}-walcast-claim"))).ok().map(Arc::new),
+        doorbell,
         name: db_path.into(),
     };
     let (s2, ep2, name, sender2) = (stop.clone(), endpoint.clone(), db_path.to_string(), sender.clone());
@@ -337,16 +339,13 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
     let mut last_conf_check = Instant::now();
     // Rings counted before each look at the log: one after it ends the next
     // wait at once.
-    let mut rings_seen = shared.doorbell.as_ref().map(|d| d.rings());
+    let mut rings_seen = shared.doorbell.as_ref().map_or(0, |d| d.rings());
     while !stop.load(Ordering::Acquire) {
-        match (&shared.doorbell, rings_seen) {
-            (Some(d), Some(seen)) => {
-                d.wait_for_ring(seen, POLL);
-                rings_seen = Some(d.rings());
-            }
-            _ => {
-                wake.wait(Some(POLL));
-            }
+        if let Some(d) = &shared.doorbell {
+            d.wait_for_ring(rings_seen, POLL);
+            rings_seen = d.rings();
+        } else {
+            wake.wait(Some(POLL));
         }
         // A demotion or a role change by another process: stop publishing (a
         // demoted primary must not keep serving its history).

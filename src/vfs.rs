@@ -1242,9 +1242,7 @@ impl SharedWords {
         // and mapped for as long as `self` lives.
         unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.add(i)) }
     }
-}
 
-impl SharedWords {
     /// Sleeps while word `i` holds `expected`, for at most `timeout`, or until
     /// `wake_all(i)` from any process that maps the same file: a futex on a
     /// shared mapping is keyed by the file and offset, not the address.
@@ -1253,36 +1251,23 @@ impl SharedWords {
             tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
             tv_nsec: timeout.subsec_nanos() as libc::c_long,
         };
-        // SAFETY: the word is mapped, aligned and lives as long as `self`; the
-        // timespec outlives the call. FUTEX_WAIT without FUTEX_PRIVATE_FLAG is
-        // the shared kind. Its outcome (woken, timed out, value changed,
-        // interrupted) needs no handling: callers look at the word again.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                self.word(i).as_ptr(),
-                libc::FUTEX_WAIT,
-                expected,
-                &ts as *const libc::timespec,
-                ptr::null::<u32>(),
-                0,
-            );
-        }
+        self.futex(i, libc::FUTEX_WAIT, expected, &ts);
     }
 
     /// Wakes every thread, of any process, in `wait_while(i, ..)`.
     pub fn wake_all(&self, i: usize) {
-        // SAFETY: as in `wait_while`; FUTEX_WAKE reads no memory of ours.
+        self.futex(i, libc::FUTEX_WAKE, i32::MAX as u32, ptr::null());
+    }
+
+    /// The futex operation `op` on word `i`; its outcome (woken, timed out,
+    /// value changed, interrupted) needs no handling: callers look at the word
+    /// again.
+    fn futex(&self, i: usize, op: c_int, val: u32, timeout: *const libc::timespec) {
+        // SAFETY: the word is mapped, aligned and lives as long as `self`;
+        // `timeout` is null or outlives the call. Without FUTEX_PRIVATE_FLAG
+        // the futex is the shared kind, which reaches other processes.
         unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                self.word(i).as_ptr(),
-                libc::FUTEX_WAKE,
-                i32::MAX,
-                ptr::null::<libc::timespec>(),
-                ptr::null::<u32>(),
-                0,
-            );
+            libc::syscall(libc::SYS_futex, self.word(i).as_ptr(), op, val, timeout, ptr::null::<u32>(), 0);
         }
     }
 }
