@@ -28,10 +28,18 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 const BEAT_AFTER_ACTIVITY: Duration = Duration::from_millis(20);
 /// The least time between two live messages while commits stream in.
 const COALESCE: Duration = Duration::from_micros(200);
-/// How often the publisher looks at the log without being woken.
-const POLL: Duration = Duration::from_millis(10);
-/// How often the publisher rewrites its status file.
+/// How often the publisher looks at the log without being woken. Processes
+/// that append ring the doorbell, so this only bounds the delay for those that
+/// cannot (older walcast versions, a claim file that could not be mapped).
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+/// Without a doorbell of its own, looking is the only way to find them.
+const LOOK_EVERY_WITHOUT_DOORBELL: Duration = Duration::from_millis(10);
+/// How often the publisher checks that the conf still makes it a primary.
+const CONF_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// The status file is rewritten at most this often while its figures change,
 const STATUS_EVERY: Duration = Duration::from_millis(250);
+/// and at least this often, well within `status::STALE_MS`, while they do not.
+const STATUS_REFRESH: Duration = Duration::from_millis(1000);
 /// One index entry per this many log bytes (plus one per generation).
 const INDEX_STRIDE: u64 = 256 << 10;
 /// Log bytes indexed per step.
@@ -65,7 +73,7 @@ impl Publisher {
         &self.sender.stats
     }
 
-    /// Wakes the publisher thread to send what was appended to the log.
+    /// Wakes the publisher thread to look at the log.
     pub fn wake(&self) {
         self.sender.wake_publisher();
     }
@@ -115,6 +123,20 @@ impl Live {
     }
 }
 
+impl Live {
+    /// When the next heartbeat is due, the last one sent at `last_beat`. The
+    /// capture thread may send (and owe a beat) while the publisher thread
+    /// sleeps: it wakes that thread when a burst begins, and a send later in
+    /// the burst moves `last_send`, which only makes the thread wake early.
+    fn beat_due(&self, last_beat: Instant) -> Instant {
+        if self.beat_owed {
+            self.last_send + BEAT_AFTER_ACTIVITY
+        } else {
+            last_beat + HEARTBEAT_EVERY
+        }
+    }
+}
+
 /// What the publisher thread and the capture thread share. The capture thread
 /// sends what it has just appended to the log itself, when this process
 /// publishes: that saves waking the publisher thread for every pass (on small
@@ -128,7 +150,8 @@ pub struct Sender {
     wake: Arc<Signal>,
     /// The doorbell in the claim file's shared page (see claim.rs), which
     /// wakes the publisher thread of whichever process publishes. Without it
-    /// the publisher finds other processes' appends at its next look (POLL).
+    /// the publisher finds other processes' appends at its next look
+    /// (LOOK_EVERY).
     doorbell: Option<Arc<ClaimFile>>,
     name: Arc<str>,
 }
@@ -140,7 +163,16 @@ impl Sender {
     pub fn send_new_units(&self) {
         if let Ok(mut g) = self.live.try_lock() {
             if let Some(live) = g.as_mut() {
+                let beat_was_owed = live.beat_owed;
                 if live.send_new_units(&self.name, &self.stats) {
+                    let burst_began = live.beat_owed && !beat_was_owed;
+                    drop(g);
+                    // The publisher thread times the heartbeat that follows
+                    // a burst, and may be asleep until the next periodic one:
+                    // woken once per burst, not per send.
+                    if burst_began {
+                        self.wake_publisher();
+                    }
                     return;
                 }
             }
@@ -210,6 +242,27 @@ fn conf_says_primary(db_path: &str) -> bool {
 /// processes' status (only one process publishes; each has its own memory).
 pub fn status_path(db_path: &str) -> PathBuf {
     PathBuf::from(format!("{db_path}-walcast-pub-status"))
+}
+
+/// The figures of the status file that change while publishing: a change is
+/// written within STATUS_EVERY, an unchanged status only refreshed.
+#[derive(PartialEq)]
+struct StatusFigures {
+    replicas: i64,
+    published_frame_no: u64,
+    snapshots_served: u64,
+    error: Option<String>,
+}
+
+impl StatusFigures {
+    fn of(stats: &PublishStats) -> Self {
+        StatusFigures {
+            replicas: stats.replicas.load(Ordering::Acquire),
+            published_frame_no: stats.published_frame_no.load(Ordering::Acquire),
+            snapshots_served: stats.snapshots_served.load(Ordering::Acquire),
+            error: stats.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
 }
 
 fn write_status(name: &str, ep: &Endpoint, stats: &PublishStats) {
@@ -337,19 +390,26 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
     );
     let mut last_beat = Instant::now() - HEARTBEAT_EVERY;
     let mut last_conf_check = Instant::now();
+    let look_every = if shared.doorbell.is_some() { LOOK_EVERY } else { LOOK_EVERY_WITHOUT_DOORBELL };
+    let mut status_written = StatusFigures::of(stats);
+    // The thread sleeps until the first of: a ring (another process
+    // appended), the heartbeat due, the next look, conf check or status
+    // write. An idle primary's publisher wakes about 8 times a second, not 100.
+    let mut wake_at = Instant::now();
     // Rings counted before each look at the log: one after it ends the next
     // wait at once.
     let mut rings_seen = shared.doorbell.as_ref().map_or(0, |d| d.rings());
     while !stop.load(Ordering::Acquire) {
+        let timeout = wake_at.saturating_duration_since(Instant::now());
         if let Some(d) = &shared.doorbell {
-            d.wait_for_ring(rings_seen, POLL);
+            d.wait_for_ring(rings_seen, timeout);
             rings_seen = d.rings();
         } else {
-            wake.wait(Some(POLL));
+            wake.wait(Some(timeout));
         }
         // A demotion or a role change by another process: stop publishing (a
         // demoted primary must not keep serving its history).
-        if last_conf_check.elapsed() >= Duration::from_millis(250) {
+        if last_conf_check.elapsed() >= CONF_CHECK_EVERY {
             last_conf_check = Instant::now();
             if !conf_says_primary(name) || crate::seal::key_stamp(name) != key_stamp {
                 break;
@@ -369,6 +429,7 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
         if !l.send_new_units(name, stats) {
             drop(g);
             wake.wait(Some(Duration::from_secs(1)));
+            wake_at = Instant::now();
             continue;
         }
         stats.replicas.store(replicas.load(Ordering::Acquire), Ordering::Release);
@@ -384,11 +445,21 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
             last_beat = Instant::now();
             l.beat_owed = false;
         }
+        let beat_due = l.beat_due(last_beat);
         drop(g);
-        if last_status_write.elapsed() >= STATUS_EVERY {
+        let status_due =
+            |written: &StatusFigures, at: Instant| at + if StatusFigures::of(stats) == *written { STATUS_REFRESH } else { STATUS_EVERY };
+        if Instant::now() >= status_due(&status_written, last_status_write) {
+            status_written = StatusFigures::of(stats);
             write_status(name, ep, stats);
             last_status_write = Instant::now();
         }
+        // Figures that change while this thread sleeps (replicas connecting)
+        // are found at its next look.
+        wake_at = beat_due
+            .min(Instant::now() + look_every)
+            .min(last_conf_check + CONF_CHECK_EVERY)
+            .min(status_due(&status_written, last_status_write));
     }
     server_stop.store(true, Ordering::Release);
     if let Ok(t) = server {
@@ -1002,7 +1073,8 @@ mod tests {
     }
 
     /// While this process publishes, the capture thread sends what it has
-    /// appended without waking the publisher thread; while it does not, it
+    /// appended, waking the publisher thread only when a burst begins (for
+    /// the heartbeat that follows it); while it does not publish, it
     /// wakes that thread instead (it may be about to publish), and rings the
     /// doorbell of the publishing process, which may be another.
     #[test]
@@ -1049,16 +1121,41 @@ mod tests {
         }
         w.flush().unwrap();
         sender.send_new_units();
-        assert!(!wake.wait(Some(Duration::ZERO)), "sent by capture: the publisher thread must not be woken");
-        assert_eq!(publishing_process.rings(), rings.wrapping_add(1), "nor the doorbell rung");
+        // Sent by capture. A burst began: the publisher thread is woken once,
+        // to time the heartbeat that follows it.
+        assert!(wake.wait(Some(Duration::ZERO)), "the burst's first send wakes the publisher thread");
+        assert_eq!(publishing_process.rings(), rings.wrapping_add(2), "through the doorbell it sleeps on");
         assert_eq!(stats.published_frame_no.load(Ordering::Acquire), 3);
         assert!(sender.live.lock().unwrap().as_ref().unwrap().beat_owed);
+        w.begin_batch();
+        w.add_frame(1, 1, &[4; 4096]).unwrap();
+        w.commit(1, None).unwrap();
+        w.flush().unwrap();
+        sender.send_new_units();
+        assert_eq!(stats.published_frame_no.load(Ordering::Acquire), 4);
+        assert!(!wake.wait(Some(Duration::ZERO)), "later in the burst: the publisher thread is not woken");
+        assert_eq!(publishing_process.rings(), rings.wrapping_add(2), "nor the doorbell rung");
+        // The publisher thread, woken, sleeps until the heartbeat that
+        // follows the burst is due: 20 ms after the last send, not the next
+        // periodic beat.
+        {
+            let g = sender.live.lock().unwrap();
+            let l = g.as_ref().unwrap();
+            let last_beat = Instant::now();
+            assert_eq!(l.beat_due(last_beat), l.last_send + BEAT_AFTER_ACTIVITY);
+            assert!(l.last_send + BEAT_AFTER_ACTIVITY < last_beat + HEARTBEAT_EVERY);
+        }
         let m = sub.recv_live(Duration::from_secs(10)).unwrap().expect("a message");
         let raw = sub.open_live(&m).unwrap();
         let (_, body) = wire::decode(&raw).unwrap();
         let Body::Frames { frames, primary_last, .. } = body else { panic!("not frames: {body:?}") };
         assert_eq!(primary_last, 3);
         assert_eq!(frames.iter().map(|(h, pg)| (h.frame_no, pg[0])).collect::<Vec<_>>(), vec![(2, 2), (3, 3)]);
+        let m = sub.recv_live(Duration::from_secs(10)).unwrap().expect("a second message");
+        let raw = sub.open_live(&m).unwrap();
+        let (_, body) = wire::decode(&raw).unwrap();
+        let Body::Frames { frames, .. } = body else { panic!("not frames: {body:?}") };
+        assert_eq!(frames.iter().map(|(h, pg)| (h.frame_no, pg[0])).collect::<Vec<_>>(), vec![(4, 4)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
