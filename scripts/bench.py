@@ -740,7 +740,46 @@ def sec_fanout(b):
         out[cfg] = {k: median([r[k] for r in runs[cfg]]) for k in
                     ("cpu_per_commit_us", "pt_per_commit_us", "p50", "p99", "p999", "max", "rate", "poll_ns",
                      "relay_cpu_per_commit_us")}
+        names = sorted({n for r in runs[cfg] for n in r["writer_threads"]})
+        out[cfg]["writer_threads"] = {n: median([r["writer_threads"].get(n, 0.0) for r in runs[cfg]]) for n in names}
     return out
+
+
+def fanout_thread_table(f):
+    """The writer's CPU per commit by thread, for each fan-out configuration:
+    which threads pay for each added replica."""
+    app = "application thread (runs SQLite)"
+    groups = {cfg: dict(thread_groups(f[cfg]["writer_threads"], app)) for cfg in f["configs"]}
+    names = []
+    for cfg in f["configs"]:
+        names += [n for n in groups[cfg] if n not in names]
+    labels = []
+    for cfg in f["configs"]:
+        if cfg == "plain":
+            labels.append("plain SQLite")
+        else:
+            n, relayed = fanout_config(cfg)
+            labels.append(f"{n} through a relay" if relayed else f"{n} replica(s)")
+    L = ["**Where the primary's CPU goes**: CPU time per commit of each thread of the writer process (µs; "
+         "`/proc/PID/task/TID/schedstat`, as in section 2's table; medians over the repetitions). The application "
+         "thread runs SQLite and walcast's part of each commit (the commit path). Capture hands what it appended "
+         "to NNG's PUB socket, which writes it to each replica's connection from the capture thread, or from "
+         "NNG's task thread for a connection still busy with the previous message. On loopback, each of those "
+         "writes also runs the receiving side's TCP processing.", "",
+         "| thread | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for name in names:
+        L.append(f"| {name} | " + " | ".join(f1(groups[cfg].get(name)) for cfg in f["configs"]) + " |")
+    L.append("| **all threads** | " + " | ".join(f1(sum(groups[cfg].values())) for cfg in f["configs"]) + " |")
+    L.append("")
+    direct = [c for c in f["configs"] if c != "plain" and not fanout_config(c)[1]]
+    if len(direct) > 1:
+        lo, hi = groups[direct[0]].get(app), groups[direct[-1]].get(app)
+        if lo and hi:
+            L.append(f"The commit path alone (the application thread): {f1(lo)} µs per commit with "
+                     f"{fanout_config(direct[0])[0]} replica(s), {f1(hi)} µs with {fanout_config(direct[-1])[0]}: "
+                     f"{f3(hi / lo)}x.")
+            L.append("")
+    return L
 
 
 # --- 6. memory ------------------------------------------------------------------------------
@@ -1456,6 +1495,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
                  f"replicas. Each replica connected to the primary: {goals.cell(f['goal_item'])}. Through a relay: "
                  f"{goals.cell(f['goal_relayed'])}.")
         L.append("")
+        L.extend(fanout_thread_table(f))
         L.append("Every repetition (CPU per commit µs /proc, in-process; lag p99 µs):")
         L.append("")
         for cfg in f["configs"]:

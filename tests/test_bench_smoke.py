@@ -57,6 +57,12 @@ def test_bench_smoke_writes_report_and_plot(tmp_path):
         assert line, f"{row!r} missing from the report"
         cells = [c.strip() for c in line.split("|")[2:-1]]
         assert len(cells) == 3 and all(float(c.replace(",", "")) > 0 for c in cells), line
+    # Fan-out: the writer's threads, for plain and each walcast configuration.
+    line = next((x for x in text.splitlines() if x.startswith("| walcast-capture |")), None)
+    assert line, "the fan-out section's thread table is missing"
+    cells = [c.strip() for c in line.split("|")[2:-1]]
+    assert cells[0] == "n/a" and len(cells) == 4 and all(float(c.replace(",", "")) > 0 for c in cells[1:]), line
+    assert "The commit path alone (the application thread)" in text
     png = tmp_path / "BENCHMARKS-lag.png"
     assert "BENCHMARKS-lag.png" in text
     w, h = png_size(png)
