@@ -44,6 +44,11 @@ const STATUS_REFRESH: Duration = Duration::from_millis(1000);
 const INDEX_STRIDE: u64 = 256 << 10;
 /// Log bytes indexed per step.
 const INDEX_STEP: u64 = 64 << 20;
+/// How often the idle catch-up server indexes a step of the older part of
+/// the log, while a restarted primary has one,
+const IDLE_STEP_EVERY: Duration = Duration::from_millis(200);
+/// and what was appended since it last looked, otherwise.
+const IDLE_REFRESH_EVERY: Duration = Duration::from_secs(1);
 const MAX_SNAPSHOTS: usize = 4;
 const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
 
@@ -462,6 +467,10 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
             .min(status_due(&status_written, last_status_write));
     }
     server_stop.store(true, Ordering::Release);
+    // Ends the server's wait for a request at once.
+    if let Some(l) = live.lock().as_ref() {
+        l.sockets.catchup.close();
+    }
     if let Ok(t) = server {
         let _ = t.join();
     }
@@ -755,7 +764,17 @@ fn serve_catchup(
             return;
         }
     };
+    let mut idle_wait = None;
     while !stop.load(Ordering::Acquire) {
+        // Idle, it indexes what was appended (and, after a restart, the
+        // older part of the log, in steps) so that requests find it done.
+        // Once only new appends are left, once a second is enough: a request
+        // indexes what is missing itself. Stopping closes the socket.
+        let wait = if server.indexing_older() { IDLE_STEP_EVERY } else { IDLE_REFRESH_EVERY };
+        if idle_wait != Some(wait) {
+            crate::transport::set_recv_timeout(sock, wait);
+            idle_wait = Some(wait);
+        }
         let msg = match sock.recv() {
             Ok(m) => m,
             Err(nng::Error::TimedOut) => {
@@ -814,6 +833,12 @@ impl CatchupServer {
     /// does not wait for all of it (a step is cheap when nothing is new).
     pub fn idle(&mut self) {
         let _ = self.index.refresh(self.step, true);
+    }
+
+    /// Whether the older part of the log (after a restart) is still to be
+    /// indexed.
+    fn indexing_older(&self) -> bool {
+        self.index.older.is_some()
     }
 
     /// The reply to one request.
