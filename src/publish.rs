@@ -126,9 +126,7 @@ impl Live {
         }
         readable
     }
-}
 
-impl Live {
     /// When the next heartbeat is due, the last one sent at `last_beat`. The
     /// capture thread may send (and owe a beat) while the publisher thread
     /// sleeps: it wakes that thread when a burst begins, and a send later in

@@ -312,14 +312,14 @@ fn pass_requests_on(rep: nng::Context, req: nng::Context) {
     aio.wait();
 }
 
-/// One catch-up request as the server sees it: the plain request, or why it
-/// cannot be read, and the nonce its reply is bound to.
 /// How long a `recv` on `sock` (the catch-up server's) waits before it
 /// returns TimedOut.
 pub fn set_recv_timeout(sock: &Socket, wait: Duration) {
     let _ = sock.set_opt::<RecvTimeout>(Some(wait));
 }
 
+/// One catch-up request as the server sees it: the plain request, or why it
+/// cannot be read, and the nonce its reply is bound to.
 pub fn open_request<'a>(sealer: &Sealer, m: &'a [u8]) -> (Result<Cow<'a, [u8]>, String>, Nonce) {
     match sealer.open(Channel::Request, &[0; NONCE_LEN], m) {
         Ok((plain, nonce)) => (Ok(plain), nonce),
