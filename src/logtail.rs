@@ -63,8 +63,12 @@ pub struct LogTail {
     pub db_id: [u8; 16],
     pub pos: Pos,
     /// Bytes read ahead for `next_unit`, from `window_at`: one read serves the
-    /// record headers of many small units.
+    /// record headers of many small units. Its first `window_len` bytes are
+    /// the log's; the buffers keep their length, so that a read ahead does
+    /// not zero 64 KiB first (4% of the capture thread's CPU at 1,000
+    /// commits/s).
     window: Vec<u8>,
+    window_len: usize,
     window_at: u64,
     /// The buffer the next read ahead goes into (the window's last one).
     spare: Vec<u8>,
@@ -77,7 +81,15 @@ fn corrupt(off: u64, what: impl Into<String>) -> io::Error {
 impl Clone for LogTail {
     /// Another reader of the same file, without the read-ahead bytes.
     fn clone(&self) -> LogTail {
-        LogTail { file: self.file.clone(), db_id: self.db_id, pos: self.pos, window: Vec::new(), window_at: 0, spare: Vec::new() }
+        LogTail {
+            file: self.file.clone(),
+            db_id: self.db_id,
+            pos: self.pos,
+            window: Vec::new(),
+            window_len: 0,
+            window_at: 0,
+            spare: Vec::new(),
+        }
     }
 }
 
@@ -99,7 +111,15 @@ impl LogTail {
             last_checksum: st.last_checksum,
             db_pages: st.db_pages,
         };
-        Ok(LogTail { file: std::sync::Arc::new(lf.file), db_id: lf.id.db_id, pos, window: Vec::new(), window_at: 0, spare: Vec::new() })
+        Ok(LogTail {
+            file: std::sync::Arc::new(lf.file),
+            db_id: lf.id.db_id,
+            pos,
+            window: Vec::new(),
+            window_len: 0,
+            window_at: 0,
+            spare: Vec::new(),
+        })
     }
 
     pub fn file(&self) -> &File {
@@ -114,16 +134,19 @@ impl LogTail {
     /// Forgets bytes read ahead: the log's end may have been rewritten (a
     /// dropped batch) since. Call before each look for new units.
     pub fn forget_window(&mut self) {
-        self.window.clear();
+        self.window_len = 0;
     }
 
     /// Up to `buf.len()` bytes at `off`, through the read-ahead window.
     fn read_ahead(&mut self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         const AHEAD: usize = 64 << 10;
-        let end = self.window_at + self.window.len() as u64;
+        let end = self.window_at + self.window_len as u64;
         if off < self.window_at || off + buf.len() as u64 > end {
             let mut w = std::mem::take(&mut self.spare);
-            w.resize(AHEAD.max(buf.len()), 0);
+            let want = AHEAD.max(buf.len());
+            if w.len() < want {
+                w.resize(want, 0);
+            }
             // One read: at the log's end it returns what there is, and the
             // next look at the end reads again anyway (reading until the
             // buffer is full would ask a second time at once).
@@ -137,12 +160,12 @@ impl LogTail {
                 self.spare = w;
                 return Ok(0);
             }
-            w.truncate(n);
             self.spare = std::mem::replace(&mut self.window, w);
+            self.window_len = n;
             self.window_at = off;
         }
         let from = (off - self.window_at) as usize;
-        let n = buf.len().min(self.window.len() - from);
+        let n = buf.len().min(self.window_len - from);
         buf[..n].copy_from_slice(&self.window[from..from + n]);
         Ok(n)
     }
@@ -332,7 +355,7 @@ impl LogTail {
         page_size: u32,
         mut each: impl FnMut(&FrameHeader, &[u8]) -> io::Result<bool>,
     ) -> io::Result<u64> {
-        let window_end = self.window_at + self.window.len() as u64;
+        let window_end = self.window_at + self.window_len as u64;
         if from < self.window_at || end > window_end {
             return self.frames_in_range(from, end, page_size, each);
         }
@@ -579,6 +602,44 @@ mod tests {
         assert_eq!(walk(true), expected);
         assert_eq!(walk(false)[0], (2, 2, 0xee));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The read-ahead buffers keep their length: bytes past what the last
+    /// read returned (an earlier read's, or zeros) are never taken as the
+    /// log's, as when a batch was dropped and a shorter one written instead.
+    #[test]
+    fn bytes_left_in_the_buffer_past_a_shorter_read_are_not_the_log() {
+        let (dir_a, pa, mut wa) = log_of_one_unit("tailwin_a", 7);
+        let (dir_b, pb, mut wb) = log_of_one_unit("tailwin_b", 7);
+        wb.begin_batch();
+        for page in 2..=9u32 {
+            wb.add_frame(page, if page == 9 { 9 } else { 0 }, &[0xab; 512]).unwrap();
+        }
+        wb.commit(9, None).unwrap();
+        wa.begin_batch();
+        wa.add_frame(2, 2, &[0xcd; 512]).unwrap();
+        wa.commit(2, None).unwrap();
+        let mut t = LogTail::open(&pb, true).unwrap();
+        assert!(t.next_unit().unwrap().is_some());
+        let after_first = t.pos;
+        assert_eq!(t.next_unit().unwrap().unwrap().frame_count(), 8);
+        assert!(t.next_unit().unwrap().is_none());
+        // The big batch is replaced by a one-frame unit, in the same file.
+        std::fs::write(&pb, std::fs::read(&pa).unwrap()).unwrap();
+        t.pos = after_first;
+        t.forget_window();
+        let u = t.next_unit().unwrap().unwrap();
+        assert_eq!((u.frame_count(), u.commit.last_frame_no), (1, 2));
+        assert!(t.next_unit().unwrap().is_none(), "the end of the log, not what the buffer held before");
+        let mut seen = vec![];
+        t.frames_just_found(u.frames_offset, u.end, u.page_size, |h, pg| {
+            seen.push((h.page_no, pg[0]));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(2, 0xcd)]);
+        let _ = std::fs::remove_dir_all(&dir_a);
+        let _ = std::fs::remove_dir_all(&dir_b);
     }
 
     /// Found by the log_tail fuzz target: a header (CRC intact) naming a
