@@ -454,19 +454,19 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
         }
         let beat_look = l.next_beat_look(last_beat, Instant::now());
         drop(g);
-        let status_due =
-            |written: &StatusFigures, at: Instant| at + if StatusFigures::of(stats) == *written { STATUS_REFRESH } else { STATUS_EVERY };
-        if Instant::now() >= status_due(&status_written, last_status_write) {
-            status_written = StatusFigures::of(stats);
-            write_status(name, ep, stats);
-            last_status_write = Instant::now();
-        }
+        // The status's figures, read once a pass: a change is written within
+        // STATUS_EVERY, an unchanged status refreshed every STATUS_REFRESH.
         // Figures that change while this thread sleeps (replicas connecting)
         // are found at its next look.
-        wake_at = beat_look
-            .min(Instant::now() + look_every)
-            .min(last_conf_check + CONF_CHECK_EVERY)
-            .min(status_due(&status_written, last_status_write));
+        let figures = StatusFigures::of(stats);
+        let mut status_due = last_status_write + if figures == status_written { STATUS_REFRESH } else { STATUS_EVERY };
+        if Instant::now() >= status_due {
+            write_status(name, ep, stats);
+            status_written = figures;
+            last_status_write = Instant::now();
+            status_due = last_status_write + STATUS_REFRESH;
+        }
+        wake_at = beat_look.min(Instant::now() + look_every).min(last_conf_check + CONF_CHECK_EVERY).min(status_due);
     }
     server_stop.store(true, Ordering::Release);
     // Ends the server's wait for a request at once.
