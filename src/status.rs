@@ -40,12 +40,12 @@ pub fn write(path: &Path, v: &serde_json::Value) {
 
 /// `v` as JSON text, with its `crc` (see `write`).
 fn with_crc(v: &serde_json::Value) -> String {
-    let mut v = v.clone();
-    let Some(obj) = v.as_object_mut() else { return v.to_string() };
+    let Some(obj) = v.as_object() else { return v.to_string() };
+    let mut obj = obj.clone();
     obj.remove("crc");
-    let crc = crate::log::crc(serde_json::Value::Object(obj.clone()).to_string().as_bytes());
-    obj.insert("crc".into(), format!("{crc:016x}").into());
-    v.to_string()
+    let crc = crc_of(&obj);
+    obj.insert("crc".into(), crc.into());
+    serde_json::Value::Object(obj).to_string()
 }
 
 /// The object in `bytes`, if its `crc` matches (a status without one, from
@@ -54,12 +54,17 @@ fn parse_checked(bytes: &[u8]) -> Option<serde_json::Value> {
     let mut v = serde_json::from_slice::<serde_json::Value>(bytes).ok()?;
     let obj = v.as_object_mut()?;
     if let Some(crc) = obj.remove("crc") {
-        let want = crate::log::crc(serde_json::Value::Object(obj.clone()).to_string().as_bytes());
-        if crc.as_str() != Some(format!("{want:016x}").as_str()) {
+        if crc.as_str() != Some(crc_of(obj).as_str()) {
             return None;
         }
     }
     Some(v)
+}
+
+/// The `crc` of a status object without one: CRC-64 of its JSON text, hex.
+fn crc_of(obj: &serde_json::Map<String, serde_json::Value>) -> String {
+    let text = serde_json::to_string(obj).unwrap_or_default();
+    format!("{:016x}", crate::log::crc(text.as_bytes()))
 }
 
 /// The status at `path` and its age in ms (from its `updated_unix_ms`), if
