@@ -337,6 +337,13 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def median_threads(runs, side):
+    """Per thread name, the median over the runs of r[side] (CPU per commit by
+    thread, from lag_on); a thread missing from a run counts as 0."""
+    names = sorted({n for r in runs for n in r[side]})
+    return {n: median([r[side].get(n, 0.0) for r in runs]) for n in names}
+
+
 def pct(values, q):
     if not values:
         return None
@@ -465,8 +472,7 @@ def sec_lag(b):
                       "call_p99"):
                 row[f"{kind}_{k}"] = median([r[k] for r in runs[kind]])
             for side in ("writer_threads", "replica_threads"):
-                names = sorted({n for r in runs[kind] for n in r[side]})
-                row[f"{kind}_{side}"] = {n: median([r[side].get(n, 0.0) for r in runs[kind]]) for n in names}
+                row[f"{kind}_{side}"] = median_threads(runs[kind], side)
             row[f"{kind}_pooled"] = sorted(x for r in runs[kind] for x in r["lags"])
             row[f"{kind}_missing"] = sum(r["missing"] for r in runs[kind])
         for kind in runs:
@@ -740,8 +746,7 @@ def sec_fanout(b):
         out[cfg] = {k: median([r[k] for r in runs[cfg]]) for k in
                     ("cpu_per_commit_us", "pt_per_commit_us", "p50", "p99", "p999", "max", "rate", "poll_ns",
                      "relay_cpu_per_commit_us")}
-        names = sorted({n for r in runs[cfg] for n in r["writer_threads"]})
-        out[cfg]["writer_threads"] = {n: median([r["writer_threads"].get(n, 0.0) for r in runs[cfg]]) for n in names}
+        out[cfg]["writer_threads"] = median_threads(runs[cfg], "writer_threads")
     return out
 
 
