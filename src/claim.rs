@@ -226,12 +226,18 @@ pub fn on_commit_frame(state: &ClaimState, salts: (u32, u32), wal_last: u32, fra
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_doorbell_wakes_a_sleeper_of_another_mapping() {
-        let d = std::env::temp_dir().join(format!("walcast-doorbell-{}", std::process::id()));
+    /// A claim file's path in a scratch directory `name`, no file there yet.
+    fn fresh_claim_path(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let d = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("x.db-walcast-claim");
         let _ = std::fs::remove_file(&p);
+        (d, p)
+    }
+
+    #[test]
+    fn the_doorbell_wakes_a_sleeper_of_another_mapping() {
+        let (d, p) = fresh_claim_path("doorbell");
         let (publisher, other) = (ClaimFile::open(&p).unwrap(), ClaimFile::open(&p).unwrap());
         // Rung before the wait: the wait returns at once.
         let seen = publisher.rings();
@@ -260,10 +266,7 @@ mod tests {
 
     #[test]
     fn claims_and_foreign_detection() {
-        let d = std::env::temp_dir().join(format!("walcast-claim-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        let p = d.join("x.db-walcast-claim");
-        let _ = std::fs::remove_file(&p);
+        let (_, p) = fresh_claim_path("claim");
         let c = ClaimFile::open(&p).unwrap();
         assert_eq!(c.read(), ClaimState::default());
         let s = ClaimState { claimed: WalMark { salt1: 1, salt2: 2, frame: 10 }, ..Default::default() };
