@@ -1068,7 +1068,13 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             self.app.as_mut().unwrap().abort();
             return Err(e);
         }
-        self.shared.status().bootstraps += 1;
+        {
+            // The snapshot is in: what follows fetches the frames committed
+            // since it was taken, and `walcast_wait` may already return.
+            let mut st = self.shared.status();
+            st.bootstraps += 1;
+            st.state = "catching_up";
+        }
         // The snapshot's generation may be older than the fence when a
         // rebootstrap was asked for: the operator chose this primary.
         self.fence_generation = snap.generation;

@@ -277,6 +277,13 @@ def test_late_join_bootstraps_from_snapshot(cluster, tmp_path, port):
 
     rn = cluster.replica(replica, port, "--role-first")  # role before endpoint this time
     applying(rn)
+    # Once the snapshot is in, the status no longer says `bootstrapping`, even
+    # read the moment walcast_wait returns (it said so until the catch-up after
+    # the snapshot ended).
+    n = wc.frame_no(primary)
+    ok, st = rn.rows(f"SELECT walcast_wait({n}, 60000), walcast_status()")[0]
+    st = json.loads(st)
+    assert ok == 1 and st["bootstraps"] == 1 and st["state"] in ("catching_up", "streaming"), st
     cluster.converge(primary, replica)
     assert summary(replica).startswith("2050|"), summary(replica)
     assert summary(replica) == summary(primary, load=True)
