@@ -175,6 +175,8 @@ pub struct DbState {
     wal_index: AtomicUsize,
     /// The first piece of a frame header SQLite split in two (offset, bytes).
     partial_header: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Whether `partial_header` holds a piece (read without its lock).
+    partial_pending: AtomicBool,
     /// When this process last read the conf file for a role another process set.
     conf_checked_ms: AtomicU64,
     /// The wal-index header when this process last took the WAL write lock.
@@ -257,6 +259,7 @@ fn get_or_create(db_path: &str) -> Arc<DbState> {
                 wal_page_size: Default::default(),
                 conf_checked_ms: AtomicU64::new(0),
                 partial_header: Mutex::new(None),
+                partial_pending: AtomicBool::new(false),
                 write_start: Mutex::new(None),
                 claim_path: format!("{db_path}-walcast-claim").into(),
                 failure_path: capture_failure::path(db_path),
@@ -1389,20 +1392,12 @@ impl DbState {
         // padding (psow=0), SQLite splits a write that crosses its sync point, so
         // a header can arrive in two pieces: keep the first piece and claim when
         // the second completes it (the frame is not valid before then).
-        let header = {
-            let mut partial = self.partial_header.lock().unwrap_or_else(|e| e.into_inner());
-            match partial.take() {
-                Some((at, mut first)) if at + first.len() as u64 == off && first.len() + data.len() >= 24 => {
-                    first.extend_from_slice(&data[..24 - first.len()]);
-                    Some((at, first))
-                }
-                _ if data.len() < 24 && !data.is_empty() => {
-                    *partial = Some((off, data.to_vec()));
-                    None
-                }
-                _ if data.len() == 24 => Some((off, data.to_vec())),
-                _ => None,
-            }
+        // Every frame's writes come here: no lock and no allocation unless a
+        // header was split.
+        let header = if data.len() >= 24 && !self.partial_pending.load(Ordering::Acquire) {
+            <[u8; 24]>::try_from(data).ok().map(|h| (off, h))
+        } else {
+            self.join_split_header(off, data)
         };
         if let Some((at, h)) = header {
             if h[4..8] != [0, 0, 0, 0] {
@@ -1411,6 +1406,25 @@ impl DbState {
             }
         }
         write()
+    }
+
+    /// `wal_write`'s path for a write shorter than a frame header, or the one
+    /// after it: the header, once its second piece completes it.
+    fn join_split_header(&self, off: u64, data: &[u8]) -> Option<(u64, [u8; 24])> {
+        let mut partial = self.partial_header.lock().unwrap_or_else(|e| e.into_inner());
+        let header = match partial.take() {
+            Some((at, mut first)) if at + first.len() as u64 == off && first.len() + data.len() >= 24 => {
+                first.extend_from_slice(&data[..24 - first.len()]);
+                <[u8; 24]>::try_from(first).ok().map(|h| (at, h))
+            }
+            _ if data.len() < 24 && !data.is_empty() => {
+                *partial = Some((off, data.to_vec()));
+                None
+            }
+            _ => <[u8; 24]>::try_from(data).ok().map(|h| (off, h)),
+        };
+        self.partial_pending.store(partial.is_some(), Ordering::Release);
+        header
     }
 
     /// SQLite truncates the WAL (`truncate` does it).
@@ -1551,10 +1565,10 @@ impl DbState {
 
     /// The WAL write lock was just taken: remember what the wal-index said was
     /// committed then (see `around_wal_change`).
-    pub fn write_lock_acquired(&self, hdr: Option<WalIndexHeader>) {
+    pub fn write_lock_acquired(&self, wal_index: impl FnOnce() -> Option<WalIndexHeader>) {
         self.follow_role_of_other_processes();
         if self.is_capturing() {
-            *self.write_start.lock().unwrap_or_else(|e| e.into_inner()) = hdr;
+            *self.write_start.lock().unwrap_or_else(|e| e.into_inner()) = wal_index();
         }
     }
 

@@ -635,7 +635,7 @@ unsafe extern "C" fn f_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int
         }
         if rc == ffi::SQLITE_OK && ofst == 0 && flags == (ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE) {
             if let Some(state) = w.state() {
-                state.write_lock_acquired(wal_index_header(state.wal_index_addr()));
+                state.write_lock_acquired(|| wal_index_header(state.wal_index_addr()));
             }
         }
         // The checkpoint lock (WAL_CKPT_LOCK, taken alone): a checkpoint starts.
