@@ -979,7 +979,7 @@ impl DbState {
             let mut committed = read_mark;
             let mut unlock = || db.unlock_writer();
             let imaging = Imaging::TakeWriteLock { db, lock: &mut lock, committed: &mut committed, unlock: &mut unlock };
-            let r = capture::catch_up(log, &paths, imaging, self.claims.get().map(|c| &**c));
+            let r = capture::catch_up(log, &paths, imaging, self.claim_file());
             log.start_writeback();
             // Holding a wal-index mapping between passes would keep this
             // process's -shm open after the application closed the database.
@@ -1487,7 +1487,7 @@ impl DbState {
             _ => Committed::Unknown,
         };
         let paths = Paths { db: std::path::Path::new(&self.db_path), wal: &self.wal_path, committed, kept_wal: None };
-        let claims = self.claims.get().map(|c| &**c);
+        let claims = self.claim_file();
         let log = g.log.as_mut().unwrap();
         let locked = match log.lock() {
             Ok(l) => l,
@@ -1580,6 +1580,11 @@ impl DbState {
     /// Records where this process mapped the first wal-index region.
     pub fn wal_index_mapped(&self, addr: usize) {
         self.wal_index.store(addr, Ordering::Release);
+    }
+
+    /// The claim file, once this process has opened it.
+    fn claim_file(&self) -> Option<&ClaimFile> {
+        self.claims.get().map(|c| &**c)
     }
 
     pub fn wal_index_addr(&self) -> usize {
