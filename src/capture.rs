@@ -841,10 +841,7 @@ mod tests {
     }
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("walcast-capture-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::testutil::scratch_dir(&format!("capture-{name}"))
     }
 
     /// A database file of `pages` pages of 512 bytes with a valid header.

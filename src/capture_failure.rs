@@ -224,8 +224,7 @@ mod tests {
 
     #[test]
     fn streak_writes_then_marks_recovery() {
-        let d = std::env::temp_dir().join(format!("walcast-failure-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("failure");
         let p = d.join("x.db-walcast-failure");
         prepare(&p).unwrap();
         assert_eq!(read(&p), None);

@@ -228,10 +228,8 @@ mod tests {
 
     /// A claim file's path in a scratch directory `name`, no file there yet.
     fn fresh_claim_path(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-        let d = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir(name);
         let p = d.join("x.db-walcast-claim");
-        let _ = std::fs::remove_file(&p);
         (d, p)
     }
 

@@ -269,8 +269,7 @@ mod tests {
 
     #[test]
     fn temporary_files_left_by_killed_writers_are_removed() {
-        let d = std::env::temp_dir().join(format!("walcast-conf-stale-{}", std::process::id()));
-        fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("conf-stale");
         let p = d.join("app.db-walcast-status");
         let make = |name: &str, age_s: u64| {
             let f = File::create(d.join(name)).unwrap();
@@ -296,8 +295,7 @@ mod tests {
     /// temporary file, one of two concurrent saves failed with ENOENT.
     #[test]
     fn concurrent_saves_of_one_conf_all_succeed() {
-        let d = std::env::temp_dir().join(format!("walcast-conf-race-{}", std::process::id()));
-        fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("conf-race");
         let p = d.join("app.db-walcast-conf");
         let threads: Vec<_> = (0..4u8)
             .map(|i| {
@@ -324,8 +322,7 @@ mod tests {
     /// each add 1 to a number kept in the endpoint, 100 times: all 400 count.
     #[test]
     fn concurrent_updates_of_one_conf_lose_no_change() {
-        let d = std::env::temp_dir().join(format!("walcast-conf-update-{}", std::process::id()));
-        fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("conf-update");
         let p = d.join("app.db-walcast-conf");
         let count = |c: &Conf| c.endpoint.as_deref().map_or(0, |e| e.rsplit(':').next().unwrap().parse::<u32>().unwrap());
         let threads: Vec<_> = (0..4)
@@ -367,8 +364,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_bad_values() {
-        let d = std::env::temp_dir().join(format!("walcast-conf-{}", std::process::id()));
-        fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("conf");
         let p = d.join("a.db-walcast-conf");
         let c = Conf { role: Role::Primary, db_id: Some([0xab; 16]), endpoint: Some("tcp://h:1".into()), ..Default::default() };
         c.save(&p).unwrap();

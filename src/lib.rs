@@ -33,6 +33,8 @@ pub mod seal;
 pub mod signal;
 pub mod sql;
 pub mod status;
+#[cfg(test)]
+mod testutil;
 pub mod transport;
 pub mod vfs;
 pub mod wal;

@@ -1341,11 +1341,7 @@ mod tests {
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("walcast-logtest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
-        let _ = std::fs::remove_file(&p);
-        p
+        crate::testutil::scratch_dir(&format!("log-{name}")).join(name)
     }
 
     #[test]

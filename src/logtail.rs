@@ -510,10 +510,8 @@ mod tests {
 
     /// A fresh log path in a directory of this test's own (removed by the test).
     fn scratch_log(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir(name);
         let p = dir.join("t.log");
-        let _ = std::fs::remove_file(&p);
         (dir, p)
     }
 

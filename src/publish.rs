@@ -1060,10 +1060,8 @@ mod tests {
     /// A new log `t.log` of db_id [5; 16] in a fresh scratch directory, its
     /// first generation begun with `page_size`: (directory, log path, writer).
     fn new_log(name: &str, page_size: u32) -> (PathBuf, PathBuf, LogWriter) {
-        let dir = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir(name);
         let p = dir.join("t.log");
-        let _ = std::fs::remove_file(&p);
         let mut w = LogWriter::create(&p, [5; 16]).unwrap();
         w.begin_generation(page_size, "test").unwrap();
         (dir, p, w)
@@ -1246,8 +1244,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_never_sizes_its_page_table_from_damaged_page_numbers() {
-        let dir = std::env::temp_dir().join(format!("walcast-snaptest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir("snapshot");
         let p = dir.join("t.log");
         let snapshot = |size_after: u32| {
             let _ = std::fs::remove_file(&p);

@@ -89,8 +89,7 @@ mod tests {
 
     #[test]
     fn written_then_read_with_its_age() {
-        let d = std::env::temp_dir().join(format!("walcast-status-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("status");
         let p = d.join("x.db-walcast-status");
         assert!(read(&p).is_none());
         write(&p, &serde_json::json!({"state": "streaming", "updated_unix_ms": crate::log::now_ms()}));
@@ -110,8 +109,7 @@ mod tests {
     #[test]
     fn rewritten_in_place_and_a_torn_read_is_refused() {
         use std::os::unix::fs::MetadataExt;
-        let d = std::env::temp_dir().join(format!("walcast-status-inplace-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::testutil::scratch_dir("status-inplace");
         let p = d.join("x.db-walcast-pub-status");
         let long = serde_json::json!({"published_frame_no": 123456789u64, "publish_error": "a long error message", "updated_unix_ms": 1});
         let short = serde_json::json!({"published_frame_no": 7u64, "publish_error": null, "updated_unix_ms": 2});

@@ -807,8 +807,7 @@ mod tests {
     /// replica's sockets with it.
     #[test]
     fn request_sets_dropped_at_once_leave_the_socket_working() {
-        let dir = std::env::temp_dir().join(format!("walcast-reqtest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir("requests");
         let ep = parse_endpoint(&format!("ipc://{}/s", dir.display())).unwrap();
         let server = PrimarySockets::listen(&ep, Sealer::default()).unwrap();
         let rep = server.catchup.clone();
@@ -855,8 +854,7 @@ mod tests {
     /// context closed during the close (6 of 20 runs of the unit tests).
     #[test]
     fn closing_while_contexts_are_opened_never_hangs() {
-        let dir = std::env::temp_dir().join(format!("walcast-ctxclose-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir("contexts-close");
         let ep = parse_endpoint(&format!("ipc://{}/s", dir.display())).unwrap();
         let server = PrimarySockets::listen(&ep, Sealer::default()).unwrap();
         let rep = server.catchup.clone();

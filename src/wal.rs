@@ -454,8 +454,7 @@ mod tests {
     use super::*;
 
     fn write(bytes: &[u8]) -> (std::path::PathBuf, WalFile) {
-        let dir = std::env::temp_dir().join(format!("walcast-waltest-{}-{:?}", std::process::id(), std::thread::current().id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir("wal");
         let p = dir.join("x.db-wal");
         std::fs::write(&p, bytes).unwrap();
         let w = WalFile::open(&p).unwrap().unwrap();
@@ -464,10 +463,8 @@ mod tests {
 
     #[test]
     fn a_kept_wal_is_read_again_each_time_and_reopened_once_replaced() {
-        let dir = std::env::temp_dir().join(format!("walcast-keptwal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir("kept-wal");
         let p = dir.join("k.db-wal");
-        let _ = std::fs::remove_file(&p);
         let kept = KeptWal::default();
         assert!(kept.open(&p).unwrap().is_none(), "no WAL yet");
         let mut b = WalBuilder::new(512, 1, 2);

@@ -433,9 +433,7 @@ shutil.copyfile(db + "-wal", os.path.join(d, "wal.copy"))
     fn matches_sqlite_wal_index() {
         let py = Path::new("/usr/bin/python3");
         assert!(py.exists(), "/usr/bin/python3 (Debian's, with its sqlite3 module) is required by this test");
-        let dir = std::env::temp_dir().join(format!("walcast-walindex-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::scratch_dir("walindex");
         let out = Command::new(py).arg("-c").arg(SCRIPT).arg(&dir).output().expect("running /usr/bin/python3");
         assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
         let shm = std::fs::read(dir.join("shm.copy")).unwrap();
