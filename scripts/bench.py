@@ -17,7 +17,8 @@ median over the repetitions; every repetition is printed in the report too.
 This process (the orchestrator) never loads walcast: it reads replicas, when it
 needs to, as a plain SQLite reader.
 
-Sections (--only): overhead, lag, throughput, catchup, fanout, memory, readers.
+Sections (--only): overhead, commitpath (instructions per commit, with callgrind),
+lag, throughput, catchup, fanout, memory, readers.
 """
 import argparse
 import atexit
@@ -53,12 +54,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 MB = 1e6
 
-SECTIONS = ["overhead", "lag", "throughput", "catchup", "fanout", "memory", "readers"]
+SECTIONS = ["overhead", "commitpath", "lag", "throughput", "catchup", "fanout", "memory", "readers"]
 
 SCALES = {
     # Tiny sizes: every section runs and reports, in well under a minute.
     "smoke": dict(
         reps=1, commit_reps=1,
+        cg_commits=(20, 60),
         commit_seconds=0.25, bulk_rows=5000, mixed_rows=2000, mixed_seconds=0.25,
         lag_counts={100: 30, 1000: 200, 10000: 1000}, lag_reps=1,
         tp_seconds=0.6, tp_txn_rows=64, tp_reps=1, tp_search=[0.5],
@@ -70,6 +72,7 @@ SCALES = {
     # The issue's sizes.
     "full": dict(
         reps=3, commit_reps=5,
+        cg_commits=(1000, 4000),
         commit_seconds=3.0, bulk_rows=1_000_000, mixed_rows=100_000, mixed_seconds=3.0,
         lag_counts={100: 2000, 1000: 15000, 10000: 60000}, lag_reps=3,
         tp_seconds=8.0, tp_txn_rows=1000, tp_reps=3, tp_search=[0.75, 0.5, 0.35, 0.25, 0.15, 0.1],
@@ -390,6 +393,52 @@ def sec_overhead(b):
                     "ratio": w / p, "goal": goal,
                     "log_drain_ms": median([r["log_drain_s"] * 1e3 for r in runs["walcast"]]),
                     "replica_drain_ms": median([r["replica_drain_s"] * 1e3 for r in runs["walcast"]])})
+    return out
+
+
+# --- 1b. the commit path, in instructions --------------------------------------------------
+
+CG_KINDS = [("plain", "plain SQLite"), ("loaded", "walcast loaded, no role (the VFS passes everything through)"),
+            ("walcast", "walcast primary (no replica attached)")]
+
+
+def callgrind_main_thread_ir(prefix):
+    """The instructions callgrind counted on a process's first thread (its run
+    with --separate-threads=yes writes that thread's counts to PREFIX-01)."""
+    with open(prefix + "-01") as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {prefix}-01")
+
+
+def sec_commitpath(b):
+    """Instructions per single-row commit on the application thread, as
+    callgrind counts them: a count, not a time, so the machine's noise does not
+    move it. The difference of a short and a long run cancels start-up."""
+    vg = shutil.which("valgrind")
+    if not vg:
+        raise RuntimeError("valgrind is not installed (make bench-deps installs it)")
+    lo, hi = b.s["cg_commits"]
+    # Python's hash seed changes its own instruction counts from run to run.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    out = {"lo": lo, "hi": hi, "per_commit": {}}
+    for kind, _ in CG_KINDS:
+        irs = {}
+        for n in (lo, hi):
+            db = b.path("cg.db")
+            prefix = os.path.join(os.path.dirname(db), "callgrind.out")
+            argv = [vg, "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={prefix}",
+                    PY, WORKER, "commits", db, "--kind", kind, "--count", str(n)]
+            if kind == "walcast":
+                argv += ["--port", str(wc.free_port_pair())]
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=env)
+            if p.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+            irs[n] = callgrind_main_thread_ir(prefix)
+            b.cleanup(db)
+        out["per_commit"][kind] = (irs[hi] - irs[lo]) / (hi - lo)
+        log(f"commitpath {kind}: {out['per_commit'][kind]:,.0f} instructions per commit")
     return out
 
 
@@ -1303,6 +1352,27 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
             L.append(f"- {r['title']}: plain {runs_list([x['rate'] for x in r['runs']['plain']])}; walcast "
                      f"{runs_list([x['rate'] for x in r['runs']['walcast']])}")
         L.append("")
+    L.append("### The commit path, in instructions")
+    L.append("")
+    L.append(f"Command: {section_cmd('commitpath')}")
+    L.append("")
+    if not err("commitpath"):
+        cp = res["commitpath"]
+        L.append("What walcast adds to each commit on the application's own thread, counted rather than timed: "
+                 "callgrind (valgrind) counts the instructions that thread executes for single-row INSERT commits "
+                 f"(synchronous=NORMAL, `bench_worker.py commits`), a {cp['hi']:,}-commit run minus a "
+                 f"{cp['lo']:,}-commit run, divided by {cp['hi'] - cp['lo']:,}. A count does not move with the "
+                 "machine's noise, but it is not time: cache misses, waits and the other threads' work (capture, "
+                 "NNG, the replica process, all sharing the 2 cores in the table above) are not in it. The primary "
+                 "here has no replica attached: replicas cost the capture thread, not this one (section 5).")
+        L.append("")
+        L.append("| | instructions per commit | vs plain |")
+        L.append("|---|---|---|")
+        base = cp["per_commit"]["plain"]
+        for kind, title in CG_KINDS:
+            v = cp["per_commit"][kind]
+            L.append(f"| {title} | {v:,.0f} | {v / base:.3f} |")
+        L.append("")
 
     # 2
     L.append("## 2. Replication lag")
@@ -1715,7 +1785,7 @@ def main():
     b = Bench(args.scale, workdir)
     t_start = time.monotonic()
     res, errors, load = {}, {}, {}
-    fns = {"overhead": sec_overhead, "lag": sec_lag, "throughput": sec_throughput, "catchup": sec_catchup,
+    fns = {"overhead": sec_overhead, "commitpath": sec_commitpath, "lag": sec_lag, "throughput": sec_throughput, "catchup": sec_catchup,
            "fanout": sec_fanout, "memory": sec_memory, "readers": sec_readers}
     log(f"scale {args.scale}, sections {','.join(only)}, workdir {workdir}")
     try:

@@ -20,6 +20,12 @@ process; only `writer --kind walcast` loads walcast.
       (ids 1..N) in a tight loop for S seconds, each timed; prints one JSON line
       with the latency percentiles.
 
+  bench_worker.py commits DB --kind plain|loaded|walcast --count N [--port P]
+      Opens DB as `writer` does (loaded: walcast loaded, no role), makes N
+      single-row INSERT commits (synchronous=NORMAL) and prints one JSON line.
+      The benchmark runs it under callgrind to count the commit path's
+      instructions.
+
   bench_worker.py backup SRC DST
       Without walcast: SQLite's online backup API copies SRC into DST; prints the
       elapsed seconds.
@@ -78,7 +84,7 @@ class Writer:
     def __init__(self, a):
         self.kind = a.kind
         self.db = a.db
-        if a.kind == "walcast":
+        if a.kind in ("walcast", "loaded"):
             import wc
             wc.load()
         self.c = sqlite3.connect(a.db, isolation_level=None, timeout=60, check_same_thread=False)
@@ -383,6 +389,18 @@ def pointreader(a):
     return 0
 
 
+def commits(a):
+    w = Writer(a)
+    c, v = w.c, w.blob
+    stmt = "INSERT INTO t(k, v) VALUES (?, ?)"
+    for i in range(a.count):
+        c.execute(stmt, (i, v))
+    print(json.dumps({"commits": a.count, "role": c.execute("PRAGMA walcast_role").fetchone()[0]
+                      if a.kind != "plain" else None}), flush=True)
+    c.close()
+    return 0
+
+
 def backup(a):
     src = sqlite3.connect(a.src)
     dst = sqlite3.connect(a.dst)
@@ -414,11 +432,18 @@ def main():
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--seed", type=int, default=11)
+    n = sub.add_parser("commits")
+    n.add_argument("db")
+    n.add_argument("--kind", choices=["plain", "loaded", "walcast"], required=True)
+    n.add_argument("--count", type=int, required=True)
+    n.add_argument("--port", type=int)
+    n.add_argument("--sync", default="NORMAL")
     b = sub.add_parser("backup")
     b.add_argument("src")
     b.add_argument("dst")
     a = ap.parse_args()
-    return {"writer": serve_writer, "lagreader": lagreader, "pointreader": pointreader, "backup": backup}[a.cmd](a)
+    return {"writer": serve_writer, "lagreader": lagreader, "pointreader": pointreader, "commits": commits,
+            "backup": backup}[a.cmd](a)
 
 
 if __name__ == "__main__":

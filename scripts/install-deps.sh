@@ -7,6 +7,8 @@
 #               and its pytest, which runs the tests in tests/ (WALCAST_NEED_PYTEST=1)
 #   python3-matplotlib - draws the benchmarks' lag plot (WALCAST_NEED_BENCH=1);
 #               without it the harness draws with a small built-in PNG writer
+#   valgrind  - the benchmarks count the commit path's instructions with callgrind
+#               (WALCAST_NEED_BENCH=1, and WALCAST_NEED_PYTEST=1 for their smoke test)
 #   g++, cargo-fuzz - the fuzz targets in fuzz/ (WALCAST_NEED_FUZZ=1): libFuzzer is
 #               C++, built by the libfuzzer-sys crate; cargo-fuzz is installed
 #               with cargo (it runs on the stable toolchain, see `make fuzz`)
@@ -29,6 +31,9 @@ if [ "${WALCAST_NEED_PYTEST:-0}" = 1 ] && ! /usr/bin/python3 -c 'import pytest' 
 fi
 if [ "${WALCAST_NEED_BENCH:-0}" = 1 ] && ! /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1; then
   need+=(python3-matplotlib)
+fi
+if [ "${WALCAST_NEED_BENCH:-0}${WALCAST_NEED_PYTEST:-0}" != 00 ] && ! command -v valgrind >/dev/null 2>&1; then
+  need+=(valgrind)
 fi
 if [ "${WALCAST_NEED_FUZZ:-0}" = 1 ] && ! command -v c++ >/dev/null 2>&1; then
   need+=(g++)

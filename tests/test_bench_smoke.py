@@ -63,6 +63,11 @@ def test_bench_smoke_writes_report_and_plot(tmp_path):
     cells = [c.strip() for c in line.split("|")[2:-1]]
     assert cells[0] == "n/a" and len(cells) == 4 and all(float(c.replace(",", "")) > 0 for c in cells[1:]), line
     assert "The commit path alone (the application thread)" in text
+    # The commit path's instructions: a count for each of the three kinds.
+    for row in ["| plain SQLite |", "| walcast loaded, no role", "| walcast primary (no replica attached) |"]:
+        line = next((x for x in text.splitlines() if x.startswith(row)), None)
+        assert line, f"{row!r} missing from the commit path's table"
+        assert float(line.split("|")[2].replace(",", "")) > 1000, line
     png = tmp_path / "BENCHMARKS-lag.png"
     assert "BENCHMARKS-lag.png" in text
     w, h = png_size(png)
