@@ -1402,7 +1402,12 @@ impl DbState {
         if let Some((at, h)) = header {
             if h[4..8] != [0, 0, 0, 0] {
                 // The header of a commit frame (its database size is non-zero).
-                self.claim_commit_frame(at, &h, wal_index());
+                // The wal-index as this writer found it when it took the write
+                // lock is as good as reading it again: only this writer changes
+                // it before the commit, and a restart (new salts) reads as a
+                // new WAL either way.
+                let at_lock = *self.write_start.lock().unwrap_or_else(|e| e.into_inner());
+                self.claim_commit_frame(at, &h, at_lock.or_else(wal_index));
             }
         }
         write()
