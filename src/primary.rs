@@ -177,7 +177,8 @@ pub struct DbState {
     partial_header: Mutex<Option<(u64, Vec<u8>)>>,
     /// Whether `partial_header` holds a piece (read without its lock).
     partial_pending: AtomicBool,
-    /// When this process last read the conf file for a role another process set.
+    /// When this process last read the conf file for a role another process set
+    /// (`vfs::coarse_now_ms`).
     conf_checked_ms: AtomicU64,
     /// The wal-index header when this process last took the WAL write lock.
     write_start: Mutex<Option<WalIndexHeader>>,
@@ -1532,7 +1533,7 @@ impl DbState {
     /// database: follow the conf file, read at most four times a second, so
     /// that this process's writes are captured (and claimed) once it says so.
     fn follow_role_of_other_processes(&self) {
-        let now = crate::log::now_ms();
+        let now = crate::vfs::coarse_now_ms();
         let last = self.conf_checked_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) < 250 || self.conf_checked_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err()
         {

@@ -1181,6 +1181,18 @@ pub fn start_writeback(file: &std::fs::File, off: u64, len: u64) -> io::Result<(
     }
 }
 
+/// Milliseconds on a coarse monotonic clock (the kernel's tick, a few ms):
+/// cheaper than a precise clock where only hundreds of milliseconds matter,
+/// as in throttles on SQLite's commit path.
+pub fn coarse_now_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// Puts the calling thread below the application's threads (Linux: per
 /// thread; threads it starts inherit both settings):
 /// - nice `nice`, unless it is lower already;
