@@ -1318,12 +1318,16 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
             return True
         return False
 
+    def section_head(heading, name):
+        """A section's heading and command; False when it has nothing more to show."""
+        L.append(heading)
+        L.append("")
+        L.append(f"Command: {section_cmd(name)}")
+        L.append("")
+        return not err(name)
+
     # 1
-    L.append("## 1. Primary overhead")
-    L.append("")
-    L.append(f"Command: {section_cmd('overhead')}")
-    L.append("")
-    if not err("overhead"):
+    if section_head("## 1. Primary overhead", "overhead"):
         L.append("The writer process runs the workload on its own database; walcast's has a replica attached. "
                  "Figures are operations per second as the writer sees them (the timed window ends when the last "
                  "commit returns). walcast's capture runs beside the writer and its work may end after the window: "
@@ -1352,11 +1356,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
             L.append(f"- {r['title']}: plain {runs_list([x['rate'] for x in r['runs']['plain']])}; walcast "
                      f"{runs_list([x['rate'] for x in r['runs']['walcast']])}")
         L.append("")
-    L.append("### The commit path, in instructions")
-    L.append("")
-    L.append(f"Command: {section_cmd('commitpath')}")
-    L.append("")
-    if not err("commitpath"):
+    if section_head("### The commit path, in instructions", "commitpath"):
         cp = res["commitpath"]
         L.append("What walcast adds to each commit on the application's own thread, counted rather than timed: "
                  "callgrind (valgrind) counts the instructions that thread executes for single-row INSERT commits "
@@ -1375,11 +1375,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
         L.append("")
 
     # 2
-    L.append("## 2. Replication lag")
-    L.append("")
-    L.append(f"Command: {section_cmd('lag')}")
-    L.append("")
-    if not err("lag"):
+    if section_head("## 2. Replication lag", "lag"):
         L.append("The writer commits single-row INSERTs with explicit ids, paced at the rate (sleeping on an "
                  "absolute schedule, never spinning), and records `time.monotonic_ns()` (CLOCK_MONOTONIC, one clock "
                  "for every process) as each commit returns. A separate reader process, without walcast, polls the "
@@ -1440,11 +1436,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
         L.append("")
 
     # 3
-    L.append("## 3. Throughput")
-    L.append("")
-    L.append(f"Command: {section_cmd('throughput')}")
-    L.append("")
-    if not err("throughput"):
+    if section_head("## 3. Throughput", "throughput"):
         t = res["throughput"]
         L.append(f"The writer loads transactions of {t['txn_rows']:,} rows of {ROW_PAYLOAD:,}-byte random blobs "
                  f"(`WITH RECURSIVE ... INSERT INTO t(k, v) SELECT x, randomblob({ROW_PAYLOAD}) FROM c`), back to "
@@ -1482,11 +1474,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
         L.append("")
 
     # 4
-    L.append("## 4. Catch-up and bootstrap")
-    L.append("")
-    L.append(f"Command: {section_cmd('catchup')}")
-    L.append("")
-    if not err("catchup"):
+    if section_head("## 4. Catch-up and bootstrap", "catchup"):
         c = res["catchup"]
         L.append(f"Catch-up: a converged replica node is stopped (stdin closed), the primary commits {c['txns']} "
                  f"transactions of {c['txn_rows']:,} x {ROW_PAYLOAD:,}-byte rows ({c['behind_bytes'] / MB:,.0f} MB of "
@@ -1527,11 +1515,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
         L.append("")
 
     # 5
-    L.append("## 5. Fan-out")
-    L.append("")
-    L.append(f"Command: {section_cmd('fanout')}")
-    L.append("")
-    if not err("fanout"):
+    if section_head("## 5. Fan-out", "fanout"):
         f = res["fanout"]
         L.append(f"The writer commits {f['count']:,} single-row INSERTs paced at {f['rate']:,}/s with N replica nodes "
                  "attached (each its own process), converged first. CPU per commit: utime+stime of the writer "
@@ -1582,11 +1566,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
         L.append("")
 
     # 6
-    L.append("## 6. Memory")
-    L.append("")
-    L.append(f"Command: {section_cmd('memory')}")
-    L.append("")
-    if not err("memory"):
+    if section_head("## 6. Memory", "memory"):
         L.append("Peak RSS (VmHWM from `/proc/PID/status`). Primary: the writer process commits one transaction "
                  "of 256 KiB `randomblob`s with `cache_size=-16000` (walcast: captured, published and applied by "
                  "the replica before the figure is read); plain: the same transaction in a plain process. Replica: "
@@ -1623,11 +1603,7 @@ def render(res, errors, meta, args, goals, plot_how, plot_name, elapsed):
         L.append("")
 
     # 7
-    L.append("## 7. Reader impact")
-    L.append("")
-    L.append(f"Command: {section_cmd('readers')}")
-    L.append("")
-    if not err("readers"):
+    if section_head("## 7. Reader impact", "readers"):
         r = res["readers"]
         L.append(f"A reader process without walcast runs random point reads `SELECT k, v FROM t WHERE id = ?` over "
                  f"{r['rows']:,} rows in a tight loop for {r['seconds']} s, timing each. **walcast**: it reads the "
