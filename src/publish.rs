@@ -36,10 +36,6 @@ const LOOK_EVERY: Duration = Duration::from_millis(250);
 const LOOK_EVERY_WITHOUT_DOORBELL: Duration = Duration::from_millis(10);
 /// How often the publisher checks that the conf still makes it a primary.
 const CONF_CHECK_EVERY: Duration = Duration::from_millis(250);
-/// The status file is rewritten at most this often while its figures change,
-const STATUS_EVERY: Duration = Duration::from_millis(250);
-/// and at least this often, well within `status::STALE_MS`, while they do not.
-const STATUS_REFRESH: Duration = Duration::from_millis(1000);
 /// One index entry per this many log bytes (plus one per generation).
 const INDEX_STRIDE: u64 = 256 << 10;
 /// Log bytes indexed per step.
@@ -252,7 +248,7 @@ pub fn status_path(db_path: &str) -> PathBuf {
 }
 
 /// The figures of the status file that change while publishing: a change is
-/// written within STATUS_EVERY, an unchanged status only refreshed.
+/// written within `status::WRITE_EVERY`, an unchanged status only refreshed.
 #[derive(PartialEq)]
 struct StatusFigures {
     replicas: i64,
@@ -455,16 +451,17 @@ fn publisher_thread(log_path: &std::path::Path, lock_path: &std::path::Path, ep:
         let beat_look = l.next_beat_look(last_beat, Instant::now());
         drop(g);
         // The status's figures, read once a pass: a change is written within
-        // STATUS_EVERY, an unchanged status refreshed every STATUS_REFRESH.
+        // `status::WRITE_EVERY`, an unchanged status refreshed every `status::REFRESH`.
         // Figures that change while this thread sleeps (replicas connecting)
         // are found at its next look.
         let figures = StatusFigures::of(stats);
-        let mut status_due = last_status_write + if figures == status_written { STATUS_REFRESH } else { STATUS_EVERY };
+        let mut status_due =
+            last_status_write + if figures == status_written { crate::status::REFRESH } else { crate::status::WRITE_EVERY };
         if Instant::now() >= status_due {
             write_status(name, ep, stats);
             status_written = figures;
             last_status_write = Instant::now();
-            status_due = last_status_write + STATUS_REFRESH;
+            status_due = last_status_write + crate::status::REFRESH;
         }
         wake_at = beat_look.min(Instant::now() + look_every).min(last_conf_check + CONF_CHECK_EVERY).min(status_due);
     }

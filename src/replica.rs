@@ -185,6 +185,16 @@ impl Shared {
             if let Some((p, _)) = load_position(&position_path(&self.db_path)) {
                 v["applied_frame_no"] = p.frame_no.into();
             }
+            // The applier writes its ages as of `updated_unix_ms` (and only when
+            // something else changed, or once a second): bring them up to now.
+            if let Some(age) = age {
+                let behind = v["lag_frames"].as_u64().is_some_and(|n| n > 0);
+                for key in ["ms_since_last_message", "ms_since_last_rejection"].into_iter().chain(behind.then_some("lag_ms")) {
+                    if let Some(ms) = v[key].as_u64() {
+                        v[key] = (ms + age).into();
+                    }
+                }
+            }
             // A status the applier stopped refreshing is history, not news.
             if let Some(age) = age.filter(|a| *a > crate::status::STALE_MS) {
                 v["state"] = "disconnected".into();
@@ -230,6 +240,18 @@ fn status_value(st: &Status, endpoint: Option<String>) -> serde_json::Value {
         "applier_in_this_process": st.applier,
         "updated_unix_ms": now_ms(),
     })
+}
+
+/// What a status says apart from the time: ages grow by themselves (readers
+/// add the status's age to them), so only a change in the rest is news.
+fn status_figures(v: &serde_json::Value) -> String {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        for key in ["updated_unix_ms", "ms_since_last_message", "ms_since_last_rejection", "lag_ms"] {
+            o.remove(key);
+        }
+    }
+    v.to_string()
 }
 
 pub fn position_path(db: &str) -> PathBuf {
@@ -454,6 +476,8 @@ struct Session<'a, F: ReplicaFiles> {
     last_conf_check: Instant,
     last_checkpoint: Instant,
     last_status_write: Instant,
+    /// `status_figures` of the status last written.
+    status_written: String,
     /// Asks the checkpointer thread for a checkpoint (None: checkpoint here).
     checkpoints: Option<crossbeam_channel::Sender<()>>,
     /// Where this replica passes the stream on (`PRAGMA walcast_relay`), as
@@ -483,6 +507,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
             last_conf_check: Instant::now(),
             last_checkpoint: Instant::now(),
             last_status_write: Instant::now() - Duration::from_secs(1),
+            status_written: String::new(),
             checkpoints: None,
             relay_url: None,
             relay: None,
@@ -1178,14 +1203,29 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 st.last_error = Some("the connection to the primary is down (reconnecting)".into());
             }
         }
-        if self.last_status_write.elapsed() > Duration::from_millis(200) {
-            self.write_status();
+        // A change is written within status::WRITE_EVERY; an unchanged status
+        // is refreshed every status::REFRESH (readers age what it says).
+        let since = self.last_status_write.elapsed();
+        if since >= crate::status::WRITE_EVERY {
+            let v = self.status_now();
+            if since >= crate::status::REFRESH || status_figures(&v) != self.status_written {
+                self.write_status_value(v);
+            }
         }
     }
 
+    fn status_now(&self) -> serde_json::Value {
+        status_value(&self.shared.status(), self.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     fn write_status(&mut self) {
+        let v = self.status_now();
+        self.write_status_value(v);
+    }
+
+    fn write_status_value(&mut self, v: serde_json::Value) {
         self.last_status_write = Instant::now();
-        let v = status_value(&self.shared.status(), self.shared.endpoint.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        self.status_written = status_figures(&v);
         // On a full disk too: the status must still say why apply stopped.
         crate::status::write(&status_path(self.db()), &v);
     }

@@ -5,10 +5,15 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
-/// A status older than this is history: its writer rewrites it several times
-/// a second while it works.
+/// A status older than this is history: its writer rewrites it at least once
+/// a second (REFRESH) while it works.
 pub const STALE_MS: u64 = 3000;
+/// A status file is rewritten at most this often while what it says changes,
+pub const WRITE_EVERY: Duration = Duration::from_millis(250);
+/// and at least this often, well within STALE_MS, while it does not.
+pub const REFRESH: Duration = Duration::from_millis(1000);
 
 /// Writes `v` to the file at `path`. An existing file is overwritten in
 /// place, padded with spaces (which JSON ignores) to at least its old length:

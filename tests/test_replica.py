@@ -1045,6 +1045,47 @@ else:
     cluster.identical(primary, replica)
 
 
+def test_an_idle_replica_rewrites_its_status_once_a_second_and_others_see_ages_grow(cluster, tmp_path, port):
+    """A replica's status file tells other processes what its applier knows. An
+    idle replica rewrites it about once a second (to show it is alive), not five
+    times a second; the ages in it (ms_since_last_message) are brought up to now
+    by the reader, so they grow smoothly between writes."""
+    tmp = str(tmp_path)
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    pn = cluster.primary(primary, port)
+    commit_many(primary, 3)
+    rn = cluster.replica(replica, port)
+    applying(rn)
+    cluster.converge(primary, replica)
+    wc.wait_for(lambda: wc.status(replica)["state"] == "streaming", timeout=10, what="streaming")
+    path = replica + "-walcast-status"
+    # Streaming and idle (heartbeats only): count the rewrites over 3.5 s.
+    writes, last = 0, os.stat(path).st_mtime_ns
+    t_end = time.monotonic() + 3.5
+    while time.monotonic() < t_end:
+        m = os.stat(path).st_mtime_ns
+        if m != last:
+            writes, last = writes + 1, m
+        time.sleep(0.01)
+    assert 2 <= writes <= 5, f"{writes} rewrites of the status in 3.5 s while idle (about 1 a second expected)"
+    # No message any more: another process sees the time since the last one grow
+    # with the clock, between the applier's writes too.
+    pn.kill()
+    wc.wait_for(lambda: wc.status(replica)["state"] == "disconnected", timeout=10, what="disconnected")
+    # The status and the time in one statement of one process: the shell's
+    # own start-up time does not count.
+    sql = "SELECT json_extract(walcast_status(), '$.ms_since_last_message'), " \
+          "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER);"
+    samples = []
+    t_end = time.monotonic() + 2.0
+    while time.monotonic() < t_end:
+        ms, now_ms = wc.shell(sql, db=replica).stdout.strip().split("|")
+        samples.append((int(now_ms), int(ms)))
+        time.sleep(0.1)
+    for (t0, a), (t1, b) in zip(samples, samples[1:]):
+        assert abs((b - a) - (t1 - t0)) < 100, f"ms_since_last_message grew {b - a} ms in {t1 - t0} ms: {samples}"
+
+
 # --- 12. reads work, writes refused, walcast_wait ---------------------------------------
 
 def test_reads_work_writes_refused_and_walcast_wait(cluster, tmp_path, port):
