@@ -990,6 +990,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 (Some(p), None) => wire::req_frames(p.db_id, p.generation, p.frame_no, p.checksum),
                 (None, _) => wire::req_frames([0; 16], 0, 0, 0),
             };
+            self.write_status_if_due();
             let reply = self.call(socks, &req).map_err(|e| format!("{e} (catch-up address {})", ep.catchup))?;
             let (h, body) = wire::decode(&reply).map_err(|e| format!("bad catch-up reply: {e}"))?;
             if matches!(body, Body::Frames { .. } | Body::NeedSnapshot { .. }) {
@@ -1072,6 +1073,7 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 self.note_damaged(socks);
                 let Some((range, reply)) = reply? else { break };
                 self.shared.status().last_message = Some(Instant::now());
+                self.write_status_if_due();
                 let app = self.app.as_mut().unwrap();
                 for (n, page) in copy.accept(range, &reply)? {
                     match &mut held {
@@ -1203,8 +1205,15 @@ impl<'a, F: ReplicaFiles> Session<'a, F> {
                 st.last_error = Some("the connection to the primary is down (reconnecting)".into());
             }
         }
-        // A change is written within status::WRITE_EVERY; an unchanged status
-        // is refreshed every status::REFRESH (readers age what it says).
+        self.write_status_if_due();
+    }
+
+    /// A change is written within status::WRITE_EVERY; an unchanged status is
+    /// refreshed every status::REFRESH (readers age what it says). Also called
+    /// between the requests of a catch-up or a bootstrap, which can last
+    /// minutes on a slow link: other processes must not take the replica for
+    /// one nobody applies.
+    fn write_status_if_due(&mut self) {
         let since = self.last_status_write.elapsed();
         if since >= crate::status::WRITE_EVERY {
             let v = self.status_now();

@@ -341,6 +341,44 @@ def test_link_cuts_show_disconnected_and_converge(cluster, relays_closed, tmp_pa
     assert c["total"]["partitioned"] > 0, c
 
 
+def test_a_long_catch_up_keeps_the_status_fresh_for_other_processes(cluster, relays_closed, tmp_path):
+    """A catch-up on a slow link lasts longer than a status may go unwritten
+    (3 s): other processes must see the replica catching up, never "no process
+    has applied to this replica" (its status file was written only once a
+    catch-up ended: a 4.5 GB backlog through a lossy link showed a live,
+    catching-up replica as abandoned for minutes)."""
+    tmp = str(tmp_path)
+    port = wc.free_port_pair()
+    primary, replica = os.path.join(tmp, "primary.db"), os.path.join(tmp, "replica.db")
+    cluster.primary(primary, port)
+    relay, node = through_relay(cluster, port, "replica", replica)
+    cluster.converge(primary, replica)
+    wc.wait_for(lambda: wc.status(replica)["state"] == "streaming", timeout=10, what="streaming")
+    # The replica misses about 24 MB while the link is cut: a catch-up of some
+    # 24 requests, each delayed up to 300 ms both ways once the link is back.
+    relay.set_rates("catchup", delay=1.0, delay_ms=300)
+    relay.cut(4)
+    commit_many(primary, 24, stmt="INSERT INTO t(k, v) VALUES (1, randomblob(1000000))")
+    target = wc.frame_no(primary)
+    assert relay.cutting(), "the backlog took longer to commit than the cut lasted"
+    wc.wait_for(lambda: not relay.cutting(), timeout=10, what="the cut's end")
+    seen, t0 = [], time.monotonic()
+    while True:
+        st = wc.status(replica)
+        seen.append((round(time.monotonic() - t0, 1), st["state"], st["applied_frame_no"], st.get("last_error")))
+        assert "no process has applied" not in (st.get("last_error") or ""), seen
+        if st["applied_frame_no"] >= target:
+            break
+        assert time.monotonic() - t0 < 120, f"no catch-up in 120 s: {seen[-3:]}"
+        time.sleep(0.25)
+    relay.clear()
+    cluster.converge(primary, replica)
+    cluster.identical(primary, replica)
+    catching = [x for x in seen if x[1] == "catching_up"]
+    print(f"caught up in {seen[-1][0]} s; samples: {len(seen)}, catching_up in {len(catching)}")
+    assert seen[-1][0] > 4, f"the catch-up took {seen[-1][0]} s, too short to test anything: {seen}"
+
+
 # --- a snapshot through damage ------------------------------------------------------
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
