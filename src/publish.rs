@@ -40,6 +40,8 @@ const CONF_CHECK_EVERY: Duration = Duration::from_millis(250);
 const INDEX_STRIDE: u64 = 256 << 10;
 /// Log bytes indexed per step.
 const INDEX_STEP: u64 = 64 << 20;
+/// How long a request may spend indexing what is new before it is answered.
+const INDEX_BUDGET: Duration = Duration::from_millis(200);
 /// How often the idle catch-up server indexes a step of the older part of
 /// the log, while a restarted primary has one,
 const IDLE_STEP_EVERY: Duration = Duration::from_millis(200);
@@ -842,10 +844,15 @@ impl CatchupServer {
 
     /// The reply to one request.
     pub fn handle(&mut self, msg: &[u8], stats: &PublishStats) -> Vec<u8> {
+        self.handle_within(msg, stats, INDEX_BUDGET)
+    }
+
+    /// `handle`, indexing for at most `budget` before it answers.
+    fn handle_within(&mut self, msg: &[u8], stats: &PublishStats, budget: Duration) -> Vec<u8> {
         let index = &mut self.index;
         self.snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
         // Index what is new, within a time budget for a long unindexed log.
-        let deadline = Instant::now() + Duration::from_millis(200);
+        let deadline = Instant::now() + budget;
         let mut refreshed = loop {
             match index.refresh(self.step, false) {
                 Ok(true) => break Ok(true),
@@ -866,16 +873,32 @@ impl CatchupServer {
         }
         match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
-            Ok(false) => wire::error(
+            Ok(false) if !answerable_before_the_end(index, msg) => wire::error(
                 index.tail.db_id,
                 0,
                 &format!("the primary is still indexing its log (at byte {} of {}); try again", index.last().offset, index.log_len()),
             ),
-            Ok(true) => match answer(index, msg, &mut self.snapshots, &mut self.next_snapshot_id, stats) {
+            Ok(_) => match answer(index, msg, &mut self.snapshots, &mut self.next_snapshot_id, stats) {
                 Ok(r) => r,
                 Err(e) => wire::error(index.tail.db_id, index.last().generation, &e),
             },
         }
+    }
+}
+
+/// Whether `msg` can be answered while the newest part of the log is still to
+/// be indexed: frames inside the indexed part (the reply ends where it ends;
+/// the replica asks again), or pages of a snapshot already taken. A primary
+/// that appends faster than its catch-up thread indexes (that thread runs
+/// below the application's) refused them all, and a replica far behind a
+/// busy primary caught up only while the writer paused.
+fn answerable_before_the_end(index: &Index, msg: &[u8]) -> bool {
+    match wire::decode(msg) {
+        Ok((_, Body::ReqFrames { after_frame_no, .. })) => {
+            after_frame_no < index.last().last_frame_no && index.not_yet(after_frame_no + 1).is_none()
+        }
+        Ok((_, Body::ReqPages { .. })) => true,
+        _ => false,
     }
 }
 
@@ -1208,6 +1231,48 @@ mod tests {
         // (found by fuzzing: it overflowed to frame 0).
         assert!(!needs_older(&index, &wire::req_frames([5; 16], 1, u64::MAX, 0)));
         assert!(needs_older(&index, &wire::req_frames([5; 16], 1, 0, 0)));
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
+
+    /// A primary appending faster than its catch-up thread indexes: a request
+    /// for frames inside the indexed part is answered, not refused until the
+    /// index reaches the end (which a busy writer kept out of reach).
+    #[test]
+    fn frames_already_indexed_are_served_while_the_newest_are_still_to_index() {
+        let (p, sums) = long_log("prefix");
+        let record = 1 + 24 + 4096 + crate::log::COMMIT_LEN as u64;
+        // Walked back 2 units from the durable point (frame 30); each step
+        // indexes 2 more; no time to index further than one step.
+        let mut server = CatchupServer::open_in_steps(&p, 2 * record).unwrap();
+        let stats = PublishStats::default();
+        fn ask_now(server: &mut CatchupServer, stats: &PublishStats, after: u64, checksum: u64) -> String {
+            let reply = server.handle_within(&wire::req_frames([5; 16], 1, after, checksum), stats, Duration::ZERO);
+            match wire::decode(&reply).unwrap().1 {
+                Body::Frames { frames, primary_last, .. } => format!(
+                    "frames {}..={} of {primary_last}",
+                    frames.first().map_or(0, |f| f.0.frame_no),
+                    frames.last().map_or(0, |f| f.0.frame_no)
+                ),
+                Body::Error { reason } => reason.to_string(),
+                Body::NeedSnapshot { reason } => format!("snapshot: {reason}"),
+                _ => panic!("unexpected reply"),
+            }
+        }
+        // Each request indexes one step (2 units) and is answered from what is
+        // indexed, though more of the log follows.
+        assert_eq!(ask_now(&mut server, &stats, 28, sums[27]), "frames 29..=30 of 30");
+        assert_eq!(ask_now(&mut server, &stats, 30, sums[29]), "frames 31..=32 of 32");
+        // Pages of a snapshot do not wait for the index either (this one is
+        // unknown: the refusal names it, not the indexing).
+        let pages = server.handle_within(&wire::req_pages([5; 16], 1, 999, 1, 2), &stats, Duration::ZERO);
+        let Body::Error { reason } = wire::decode(&pages).unwrap().1 else { panic!("not an error") };
+        assert!(reason.contains("snapshot 999 expired"), "{reason}");
+        // A replica at (or past) the indexed end waits for the index.
+        // (The pages request indexed a step too: to 34; this one to 36.)
+        let at_end = ask_now(&mut server, &stats, 36, sums[35]);
+        assert!(at_end.contains("still indexing its log"), "{at_end}");
+        assert_eq!(ask_now(&mut server, &stats, 36, sums[35]), "frames 37..=38 of 38");
+        assert_eq!(ask_now(&mut server, &stats, 38, sums[37]), "frames 39..=40 of 40");
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 
