@@ -1407,8 +1407,7 @@ impl DbState {
                 // lock is as good as reading it again: only this writer changes
                 // it before the commit, and a restart (new salts) reads as a
                 // new WAL either way.
-                let at_lock = *self.write_start.lock().unwrap_or_else(|e| e.into_inner());
-                self.claim_commit_frame(at, &h, at_lock.or_else(wal_index));
+                self.claim_commit_frame(at, &h, self.write_start_header().or_else(wal_index));
             }
         }
         write()
@@ -1578,8 +1577,14 @@ impl DbState {
         }
     }
 
+    /// The wal-index header this process found when it last took the WAL
+    /// write lock (None once released).
+    fn write_start_header(&self) -> Option<WalIndexHeader> {
+        *self.write_start.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn write_start_mark(&self) -> Option<WalMark> {
-        let h = (*self.write_start.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let h = self.write_start_header()?;
         Some(WalMark { salt1: h.salt1, salt2: h.salt2, frame: h.max_frame })
     }
 

@@ -853,6 +853,9 @@ impl CatchupServer {
         self.snapshots.retain(|s| s.used.elapsed() < SNAPSHOT_IDLE);
         // Index what is new, within a time budget for a long unindexed log.
         let deadline = Instant::now() + budget;
+        // Decoded once for the two questions below; `answer` reports what is
+        // wrong with a request that does not decode.
+        let request = wire::decode(msg).ok().map(|(_, body)| body);
         let mut refreshed = loop {
             match index.refresh(self.step, false) {
                 Ok(true) => break Ok(true),
@@ -863,7 +866,7 @@ impl CatchupServer {
         // A request that needs the older part of the log (frames before the
         // newer part, or a snapshot whose base image lies there) indexes it
         // within the same budget; others do not wait for it.
-        if matches!(refreshed, Ok(true)) && index.older.is_some() && needs_older(index, msg) {
+        if matches!(refreshed, Ok(true)) && index.older.is_some() && request.as_ref().is_some_and(|r| needs_older(index, r)) {
             while index.older.is_some() && Instant::now() < deadline {
                 if let Err(e) = index.refresh(self.step, true) {
                     refreshed = Err(e);
@@ -873,7 +876,7 @@ impl CatchupServer {
         }
         match refreshed {
             Err(e) => wire::error(index.tail.db_id, 0, &format!("the primary cannot read its log: {e}")),
-            Ok(false) if !answerable_before_the_end(index, msg) => wire::error(
+            Ok(false) if !request.as_ref().is_some_and(|r| answerable_before_the_end(index, r)) => wire::error(
                 index.tail.db_id,
                 0,
                 &format!("the primary is still indexing its log (at byte {} of {}); try again", index.last().offset, index.log_len()),
@@ -886,27 +889,27 @@ impl CatchupServer {
     }
 }
 
-/// Whether `msg` can be answered while the newest part of the log is still to
+/// Whether `request` can be answered while the newest part of the log is still to
 /// be indexed: frames inside the indexed part (the reply ends where it ends;
 /// the replica asks again), or pages of a snapshot already taken. A primary
 /// that appends faster than its catch-up thread indexes (that thread runs
 /// below the application's) refused them all, and a replica far behind a
 /// busy primary caught up only while the writer paused.
-fn answerable_before_the_end(index: &Index, msg: &[u8]) -> bool {
-    match wire::decode(msg) {
-        Ok((_, Body::ReqFrames { after_frame_no, .. })) => {
+fn answerable_before_the_end(index: &Index, request: &Body) -> bool {
+    match *request {
+        Body::ReqFrames { after_frame_no, .. } => {
             after_frame_no < index.last().last_frame_no && index.not_yet(after_frame_no + 1).is_none()
         }
-        Ok((_, Body::ReqPages { .. })) => true,
+        Body::ReqPages { .. } => true,
         _ => false,
     }
 }
 
-/// Whether `msg` asks for something in the part of the log not indexed yet.
-fn needs_older(index: &Index, msg: &[u8]) -> bool {
-    match wire::decode(msg) {
-        Ok((_, Body::ReqFrames { after_frame_no, .. })) => after_frame_no.checked_add(1).is_some_and(|f| index.not_yet(f).is_some()),
-        Ok((_, Body::ReqSnapshot)) => index.gen_start.is_none(),
+/// Whether `request` asks for something in the part of the log not indexed yet.
+fn needs_older(index: &Index, request: &Body) -> bool {
+    match *request {
+        Body::ReqFrames { after_frame_no, .. } => after_frame_no.checked_add(1).is_some_and(|f| index.not_yet(f).is_some()),
+        Body::ReqSnapshot => index.gen_start.is_none(),
         _ => false,
     }
 }
@@ -1229,8 +1232,9 @@ mod tests {
         assert!(ask(&index, 0, crate::frame::chain_seed(&[5; 16])).contains("still indexing"));
         // The frame after u64::MAX is nowhere, in the older part least of all
         // (found by fuzzing: it overflowed to frame 0).
-        assert!(!needs_older(&index, &wire::req_frames([5; 16], 1, u64::MAX, 0)));
-        assert!(needs_older(&index, &wire::req_frames([5; 16], 1, 0, 0)));
+        let frames_after = |n: u64| wire::req_frames([5; 16], 1, n, 0);
+        assert!(!needs_older(&index, &wire::decode(&frames_after(u64::MAX)).unwrap().1));
+        assert!(needs_older(&index, &wire::decode(&frames_after(0)).unwrap().1));
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 
